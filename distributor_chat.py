@@ -1,0 +1,1866 @@
+"""Distributor Chat: a gym's trainer-member chat in one file.
+
+Personal trainers chat 1:1 with their PT members, one room per PT session
+(``pt_<session_id>``), and can "spread" an announcement to all their rooms.
+Live over WebSocket, stored in SQLite, signed in with JWTs.
+
+Sections, top to bottom (``grep -n '# ===' distributor_chat.py``):
+settings, storage, auth, chat hub, HTTP, WebSocket, app, CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import signal
+import sqlite3
+import sys
+import time
+import weakref
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone, tzinfo
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+from urllib.parse import quote, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import aiohttp_jinja2
+import aiosqlite
+import jinja2
+import jwt
+from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.abc import AbstractAccessLogger
+
+log = logging.getLogger("distributor_chat")
+
+# ========================================================== settings ===
+
+HERE = Path(__file__).resolve().parent
+SCHEMA_PATH = HERE / "schema.sql"
+TEMPLATES_DIR = HERE / "templates"
+STATIC_DIR = HERE / "static"
+
+BASE_PATH = "/distributor"
+ROOMS_PATH = f"{BASE_PATH}/chat/rooms"
+ENV_PREFIX = "DISTRIBUTOR_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_FRAME_BYTES = 64 * 1024
+CLIENT_ID_MAX_CHARS = 64
+USER_ID_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+USER_NAME_MAX_CHARS = 100
+ROOM_ID_PATTERN = re.compile(r"pt_([1-9][0-9]{0,17})")
+
+PAGE_LIMIT_DEFAULT = 50
+PAGE_LIMIT_MAX = 100
+HISTORY_LATEST_COUNT = 50
+HISTORY_RESUME_MAX = 500
+
+PING_INTERVAL_S = 20.0
+SLOW_PEER_TIMEOUT_S = 10.0
+OUTBOX_MAX_BYTES = 1024 * 1024
+CLOSE_HANDSHAKE_TIMEOUT_S = 2.0
+SHUTDOWN_FLUSH_TIMEOUT_S = 1.0
+SHUTDOWN_SOCKETS_TIMEOUT_S = 2.5
+PRESENCE_GRACE_S = 5.0
+MAX_SOCKETS_PER_USER = 20
+RATE_BURST_FACTOR = 4
+TYPING_RELAY_INTERVAL_S = 0.5
+ADMIN_POLL_INTERVAL_S = 1.0
+
+DEFAULT_TOKEN_TTL = "12h"
+TTL_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_NOT_FOUND = 4404
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    db_path: Path = Path("distributor_chat.db")
+    secret: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    tz: tzinfo | None = None  # None: the machine's own zone
+    tz_name: str | None = None
+    max_message_chars: int = 2000
+    rate_limit: float = 5.0
+    log_level: str = "info"
+    demo: bool = True
+
+
+def machine_tz_name() -> str | None:
+    """The IANA name of the machine's zone, so the browser can show the same times."""
+    if os.environ.get("TZ"):
+        return os.environ["TZ"].lstrip(":") or None
+    try:
+        target = os.path.realpath("/etc/localtime")
+    except OSError:
+        return None
+    marker = "/zoneinfo/"
+    return target.split(marker, 1)[1] if marker in target else None
+
+
+def utc_now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def format_local_minute(iso_utc: str, zone: tzinfo | None) -> str:
+    moment = datetime.fromisoformat(iso_utc.replace("Z", "+00:00"))
+    return moment.astimezone(zone).strftime("%Y-%m-%d %H:%M")
+
+
+def room_id_of(session_id: int) -> str:
+    return f"pt_{session_id}"
+
+
+def session_id_of(room_id: str) -> int | None:
+    """The session behind a room id, or None for anything not ``pt_<digits>``."""
+    match = ROOM_ID_PATTERN.fullmatch(room_id or "")
+    return int(match.group(1)) if match else None
+
+
+# =========================================================== storage ===
+#
+# One writer task owns the only write connection: handlers queue a Write and
+# are answered after COMMIT, many writes sharing one transaction. Reads use a
+# second connection (WAL), so they never see an uncommitted batch.
+
+SCHEMA_SQL = SCHEMA_PATH.read_text(encoding="utf-8")
+
+PRAGMAS_SQL = """
+    PRAGMA journal_mode = WAL;
+    PRAGMA synchronous = FULL;
+    PRAGMA foreign_keys = ON;
+"""
+WRITER_BUSY_TIMEOUT_MS = 1000
+READER_BUSY_TIMEOUT_MS = 2000
+CLI_BUSY_TIMEOUT_S = 5.0
+WRITE_BATCH_MAX = 256
+WRITE_QUEUE_MAX = 10_000
+
+BEGIN_IMMEDIATE = "BEGIN IMMEDIATE"
+COMMIT = "COMMIT"
+ROLLBACK = "ROLLBACK"
+
+SELECT_SECRET = "SELECT value FROM meta WHERE key = 'jwt_secret'"
+INSERT_SECRET = "INSERT OR IGNORE INTO meta (key, value) VALUES ('jwt_secret', :secret)"
+SELECT_ADMIN_VERSION = "SELECT value FROM meta WHERE key = 'admin_version'"
+BUMP_ADMIN_VERSION = """
+    INSERT INTO meta (key, value) VALUES ('admin_version', '1')
+    ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1
+"""
+SELECT_HEALTH = "SELECT 1"
+
+COUNT_USERS = "SELECT count(*) FROM users"
+SELECT_USER = "SELECT id, name, role FROM users WHERE id = :user_id"
+INSERT_USER = """
+    INSERT INTO users (id, name, role, created_at) VALUES (:user_id, :name, :role, :created_at)
+"""
+UPDATE_USER = "UPDATE users SET name = :name, role = :role WHERE id = :user_id"
+
+SELECT_ROOM = """
+    SELECT id AS session_id, trainer_id, member_id, status, created_at
+      FROM pt_sessions WHERE id = :session_id
+"""
+INSERT_SESSION = """
+    INSERT INTO pt_sessions (trainer_id, member_id, created_at)
+    VALUES (:trainer_id, :member_id, :created_at) RETURNING id
+"""
+INSERT_SESSION_WITH_ID = """
+    INSERT INTO pt_sessions (id, trainer_id, member_id, created_at)
+    VALUES (:session_id, :trainer_id, :member_id, :created_at)
+"""
+UPDATE_SESSION_PARTICIPANTS = """
+    UPDATE pt_sessions SET trainer_id = :trainer_id, member_id = :member_id
+     WHERE id = :session_id AND (trainer_id != :trainer_id OR member_id != :member_id)
+"""
+END_SESSION = "UPDATE pt_sessions SET status = 'ended' WHERE id = :session_id"
+COUNT_SESSIONS_WITH_WRONG_ROLES = """
+    SELECT count(*) FROM pt_sessions s
+      JOIN users t ON t.id = s.trainer_id
+      JOIN users m ON m.id = s.member_id
+     WHERE t.role != 'trainer' OR m.role != 'member'
+"""
+
+SELECT_PARTICIPANTS = """
+    SELECT u.id AS user_id, u.name, u.role, coalesce(r.last_read_id, 0) AS last_read_id
+      FROM pt_sessions s
+      JOIN users u ON u.id IN (s.trainer_id, s.member_id)
+      LEFT JOIN read_state r ON r.session_id = s.id AND r.user_id = u.id
+     WHERE s.id = :session_id
+     ORDER BY u.role = 'member'
+"""
+
+_ROOM_LIST_COLUMNS = """
+    SELECT s.id AS session_id, s.status, t.name AS trainer_name, m.name AS member_name,
+           last.content AS last_message,
+           coalesce(last.created_at, s.created_at) AS last_activity,
+           coalesce(r.unread_count, 0) AS unread_count
+      FROM pt_sessions s
+      JOIN users t ON t.id = s.trainer_id
+      JOIN users m ON m.id = s.member_id
+      LEFT JOIN messages last ON last.id = s.last_message_id
+      LEFT JOIN read_state r ON r.session_id = s.id AND r.user_id = :user_id
+"""
+SELECT_ROOMS_OF_TRAINER = _ROOM_LIST_COLUMNS + """
+     WHERE s.trainer_id = :user_id
+     ORDER BY last_activity DESC, s.id DESC
+"""
+SELECT_ROOMS_OF_MEMBER = _ROOM_LIST_COLUMNS + """
+     WHERE s.member_id = :user_id
+     ORDER BY last_activity DESC, s.id DESC
+"""
+
+_MESSAGE_COLUMNS = """
+    SELECT m.id, m.session_id, m.user_id, u.name AS sender_name, m.type, m.content,
+           m.client_id, m.created_at
+      FROM messages m JOIN users u ON u.id = m.user_id
+"""
+SELECT_MESSAGES_LATEST = _MESSAGE_COLUMNS + """
+     WHERE m.session_id = :session_id ORDER BY m.id DESC LIMIT :limit
+"""
+SELECT_MESSAGES_BEFORE = _MESSAGE_COLUMNS + """
+     WHERE m.session_id = :session_id AND m.id < :before_id ORDER BY m.id DESC LIMIT :limit
+"""
+SELECT_MESSAGES_AFTER = _MESSAGE_COLUMNS + """
+     WHERE m.session_id = :session_id AND m.id > :after_id ORDER BY m.id LIMIT :limit
+"""
+
+INSERT_CHAT_MESSAGE = """
+    INSERT INTO messages (session_id, user_id, type, content, client_id, created_at)
+    SELECT :session_id, :user_id, 'chat', :content, :client_id, :created_at
+     WHERE EXISTS (SELECT 1 FROM pt_sessions WHERE id = :session_id AND status = 'active')
+    ON CONFLICT (session_id, user_id, client_id) DO NOTHING
+    RETURNING id
+"""
+SELECT_MESSAGE_BY_CLIENT_ID = """
+    SELECT id, created_at FROM messages
+     WHERE session_id = :session_id AND user_id = :user_id AND client_id = :client_id
+"""
+SELECT_ROOM_STATUS = "SELECT status FROM pt_sessions WHERE id = :session_id"
+INSERT_SPREAD_MESSAGES = """
+    INSERT INTO messages (session_id, user_id, type, content, client_id, created_at)
+    SELECT id, :user_id, 'spread', :content, :client_id, :created_at
+      FROM pt_sessions
+     WHERE trainer_id = :user_id AND status = 'active'
+    ON CONFLICT (session_id, user_id, client_id) DO NOTHING
+    RETURNING id, session_id
+"""
+COUNT_SPREAD_ROOMS = """
+    SELECT count(*) FROM messages m JOIN pt_sessions s ON s.id = m.session_id
+     WHERE s.trainer_id = :user_id AND m.user_id = :user_id
+       AND m.client_id = :client_id AND m.type = 'spread'
+"""
+# Never moves back; an id past the room's last counts as the last. The unread
+# recount walks only the messages after the new pointer (usually none).
+UPDATE_READ_POINTER = """
+    WITH target AS (
+        SELECT min(:message_id, coalesce(last_message_id, 0)) AS read_id
+          FROM pt_sessions WHERE id = :session_id
+    )
+    UPDATE read_state
+       SET last_read_id = (SELECT read_id FROM target),
+           unread_count = (SELECT count(*) FROM messages
+                            WHERE session_id = :session_id AND user_id != :user_id
+                              AND id > (SELECT read_id FROM target))
+     WHERE session_id = :session_id AND user_id = :user_id
+       AND last_read_id < (SELECT read_id FROM target)
+    RETURNING last_read_id
+"""
+
+
+class StorageUnavailable(Exception):
+    """Storage could not take a write (locked, full, read-only, busy)."""
+
+
+class RoomClosed(Exception):
+    """The room's session has ended: it accepts reads only."""
+
+
+@dataclass(slots=True)
+class StoredMessage:
+    message_id: int
+    created_at: str
+    is_duplicate: bool
+
+
+@dataclass(slots=True)
+class StoredSpread:
+    message_id: int  # in the sender's room
+    created_at: str
+    room_count: int
+    is_duplicate: bool
+    message_ids_by_session: dict[int, int] = field(default_factory=dict)
+
+
+async def store_chat(db: aiosqlite.Connection, params: dict) -> StoredMessage:
+    rows = await db.execute_fetchall(INSERT_CHAT_MESSAGE, params)
+    if rows:
+        return StoredMessage(rows[0][0], params["created_at"], is_duplicate=False)
+    earlier = await db.execute_fetchall(SELECT_MESSAGE_BY_CLIENT_ID, params)
+    if earlier:
+        return StoredMessage(earlier[0][0], earlier[0][1], is_duplicate=True)
+    raise RoomClosed()
+
+
+async def store_spread(db: aiosqlite.Connection, params: dict) -> StoredSpread:
+    earlier = await db.execute_fetchall(SELECT_MESSAGE_BY_CLIENT_ID, params)
+    if earlier:
+        room_count = (await db.execute_fetchall(COUNT_SPREAD_ROOMS, params))[0][0]
+        return StoredSpread(earlier[0][0], earlier[0][1], room_count, is_duplicate=True)
+    status = await db.execute_fetchall(SELECT_ROOM_STATUS, params)
+    if not status or status[0][0] != "active":
+        raise RoomClosed()
+    rows = await db.execute_fetchall(INSERT_SPREAD_MESSAGES, params)
+    message_ids_by_session = {session_id: message_id for message_id, session_id in rows}
+    return StoredSpread(
+        message_ids_by_session[params["session_id"]], params["created_at"],
+        len(rows), is_duplicate=False, message_ids_by_session=message_ids_by_session)
+
+
+async def store_read(db: aiosqlite.Connection, params: dict) -> int | None:
+    """The new read pointer, or None when it did not move."""
+    rows = await db.execute_fetchall(UPDATE_READ_POINTER, params)
+    return rows[0][0] if rows else None
+
+
+@dataclass(slots=True)
+class Write:
+    apply: Callable[[aiosqlite.Connection, dict], Awaitable[Any]]
+    params: dict
+    done: asyncio.Future
+
+
+_STOP_WRITER = object()
+
+
+class Writer:
+    """The only task that writes: group commit, answers only after COMMIT."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+        self.queue: asyncio.Queue = asyncio.Queue(WRITE_QUEUE_MAX)
+        self.task: asyncio.Task | None = None
+        self.is_stopping = False
+
+    def submit(self, apply: Callable, params: dict) -> asyncio.Future:
+        """Queue a write; its future settles after COMMIT (or with the error)."""
+        if self.is_stopping:
+            raise StorageUnavailable("the server is shutting down")
+        done = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait(Write(apply, params, done))
+        except asyncio.QueueFull:
+            raise StorageUnavailable("too many writes waiting") from None
+        return done
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.run(), name="writer")
+
+    async def stop(self) -> None:
+        """Finish every queued write, then end."""
+        self.is_stopping = True
+        await self.queue.put(_STOP_WRITER)
+        if self.task is not None:
+            await self.task
+
+    async def run(self) -> None:
+        is_running = True
+        while is_running:
+            first = await self.queue.get()
+            if first is _STOP_WRITER:
+                break
+            batch = [first]
+            while len(batch) < WRITE_BATCH_MAX and not self.queue.empty():
+                write = self.queue.get_nowait()
+                if write is _STOP_WRITER:
+                    is_running = False
+                    break
+                batch.append(write)
+            try:
+                await self.commit_batch(batch)
+            except Exception as error:  # a bug must not stop every later write
+                log.exception("writer failed batch=%d", len(batch))
+                await self._rollback()
+                _fail_all(batch, StorageUnavailable(str(error)))
+
+    async def commit_batch(self, batch: list[Write]) -> None:
+        try:
+            await self.db.execute(BEGIN_IMMEDIATE)
+        except sqlite3.Error as error:
+            log.warning("write refused batch=%d error=%s", len(batch), error)
+            _fail_all(batch, StorageUnavailable(str(error)))
+            return
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            for write in batch:
+                outcomes.append(await _apply_alone(self.db, write))
+            await self.db.execute(COMMIT)
+        except sqlite3.Error as error:
+            log.warning("write rolled back batch=%d error=%s", len(batch), error)
+            await self._rollback()
+            _fail_all(batch, StorageUnavailable(str(error)))
+            return
+        for write, (is_ok, value) in zip(batch, outcomes):
+            if write.done.done():
+                continue
+            if is_ok:
+                write.done.set_result(value)
+            else:
+                write.done.set_exception(value)
+
+    async def _rollback(self) -> None:
+        try:
+            await self.db.execute(ROLLBACK)
+        except sqlite3.Error:
+            pass  # SQLite already rolled back (e.g. after SQLITE_FULL)
+
+
+async def _apply_alone(db: aiosqlite.Connection, write: Write) -> tuple[bool, Any]:
+    """One write's outcome; a write that is refused on its own fails alone.
+
+    Each write is a single statement (or read-then-statement), so a refused
+    statement leaves nothing behind; storage-wide errors end the batch.
+    """
+    try:
+        return True, await write.apply(db, write.params)
+    except RoomClosed as error:
+        return False, error
+    except sqlite3.IntegrityError as error:
+        log.warning("write refused error=%s", error)
+        return False, StorageUnavailable(str(error))
+
+
+def _fail_all(batch: list[Write], error: Exception) -> None:
+    for write in batch:
+        if not write.done.done():
+            write.done.set_exception(error)
+
+
+async def open_read_connection(db_path: Path) -> aiosqlite.Connection:
+    db = await aiosqlite.connect(db_path, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    await db.execute(f"PRAGMA busy_timeout = {READER_BUSY_TIMEOUT_MS}")
+    await db.execute("PRAGMA query_only = ON")
+    return db
+
+
+async def open_write_connection(db_path: Path) -> aiosqlite.Connection:
+    db = await aiosqlite.connect(db_path, isolation_level=None)
+    await db.execute(f"PRAGMA busy_timeout = {WRITER_BUSY_TIMEOUT_MS}")
+    await db.executescript(PRAGMAS_SQL + SCHEMA_SQL)
+    return db
+
+
+async def fetch_messages(db: aiosqlite.Connection, session_id: int, *, before_id: int | None = None,
+                         after_id: int | None = None, limit: int) -> tuple[list[dict], bool]:
+    """Up to ``limit`` messages ascending, and whether more lie in the direction read."""
+    params = {"session_id": session_id, "before_id": before_id, "after_id": after_id,
+              "limit": limit + 1}
+    if after_id is not None:
+        rows = list(await db.execute_fetchall(SELECT_MESSAGES_AFTER, params))
+        has_more = len(rows) > limit
+        rows = rows[:limit]
+    else:
+        query = SELECT_MESSAGES_LATEST if before_id is None else SELECT_MESSAGES_BEFORE
+        rows = list(await db.execute_fetchall(query, params))
+        has_more = len(rows) > limit
+        rows = rows[:limit][::-1]
+    return [message_from_row(row) for row in rows], has_more
+
+
+def message_from_row(row: sqlite3.Row) -> dict:
+    return message_frame(row["type"], row["id"], row["session_id"], row["user_id"],
+                         row["sender_name"], row["content"], row["created_at"], row["client_id"])
+
+
+def message_frame(message_type: str, message_id: int, session_id: int, user_id: str,
+                  sender_name: str, content: str, created_at: str, client_id: str) -> dict:
+    return {"type": message_type, "id": message_id, "room_id": room_id_of(session_id),
+            "user_id": user_id, "sender_name": sender_name, "content": content,
+            "created_at": created_at, "client_id": client_id}
+
+
+# ============================================================== auth ===
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    user_id: str
+    role: str
+    name: str
+    expires_at: float  # the token's exp, seconds since the epoch
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    room_id: str
+    session_id: int
+    trainer_id: str
+    member_id: str
+    status: str
+
+    def admits(self, identity: Identity) -> bool:
+        if identity.role == "trainer":
+            return identity.user_id == self.trainer_id
+        return identity.user_id == self.member_id
+
+
+class AuthError(Exception):
+    """No usable token: the message says why, for the person signing in."""
+
+
+def issue_token(secret: str, user_id: str, role: str, name: str, ttl_s: int) -> str:
+    claims = {"sub": user_id, "role": role, "name": name,
+              "exp": int(time.time()) + ttl_s}
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def token_from_request(request: web.Request) -> str | None:
+    """The token from, in order: Authorization Bearer, the cookie, ?token=."""
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return request.cookies.get("distributor_token") or request.query.get("token") or None
+
+
+def decode_token(token: str, secret: str) -> dict:
+    try:
+        claims = jwt.decode(token, secret, algorithms=["HS256"],
+                            options={"require": ["exp", "sub", "role"]})
+    except jwt.ExpiredSignatureError:
+        raise AuthError("the sign-in link has expired; ask for a new one") from None
+    except Exception:  # PyJWT raises several types for malformed input
+        raise AuthError("the sign-in token is not valid") from None
+    if not isinstance(claims.get("sub"), str) or claims.get("role") not in ("trainer", "member"):
+        raise AuthError("the sign-in token is not valid")
+    if not isinstance(claims["exp"], (int, float)) or isinstance(claims["exp"], bool):
+        raise AuthError("the sign-in token is not valid")
+    return claims
+
+
+async def identity_from_token(db: aiosqlite.Connection, token: str | None, secret: str) -> Identity:
+    if not token:
+        raise AuthError("you are not signed in")
+    claims = decode_token(token, secret)
+    rows = await db.execute_fetchall(SELECT_USER, {"user_id": claims["sub"]})
+    if not rows:
+        raise AuthError("this account does not exist")
+    user = rows[0]
+    if user["role"] != claims["role"]:
+        raise AuthError("this account's role has changed; ask for a new sign-in link")
+    return Identity(user["id"], user["role"], user["name"], float(claims["exp"]))
+
+
+async def load_room(db: aiosqlite.Connection, room_id: str) -> Room | None:
+    session_id = session_id_of(room_id)
+    if session_id is None:
+        return None
+    rows = await db.execute_fetchall(SELECT_ROOM, {"session_id": session_id})
+    if not rows:
+        return None
+    row = rows[0]
+    return Room(room_id, session_id, row["trainer_id"], row["member_id"], row["status"])
+
+
+# ========================================================== chat hub ===
+
+
+def encode_frame(frame: dict) -> str:
+    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+
+
+def error_frame(code: str, message: str, client_id: str | None = None) -> dict:
+    return {"type": "error", "code": code, "message": message, "client_id": client_id}
+
+
+def ack_frame(client_id: str, message_id: int, created_at: str) -> dict:
+    return {"type": "ack", "client_id": client_id, "id": message_id, "created_at": created_at}
+
+
+def system_frame(event: str, room_id: str, user_id: str, name: str) -> dict:
+    verb = "들어왔습니다" if event == "join" else "나갔습니다"
+    return {"type": "system", "event": event, "room_id": room_id, "user_id": user_id,
+            "name": name, "content": f"{name}님이 {verb}"}
+
+
+def read_frame(room_id: str, user_id: str, message_id: int) -> dict:
+    return {"type": "read", "room_id": room_id, "user_id": user_id, "message_id": message_id}
+
+
+def typing_frame(room_id: str, user_id: str) -> dict:
+    return {"type": "typing", "room_id": room_id, "user_id": user_id}
+
+
+class ChatSocket(web.WebSocketResponse):
+    """One live connection: the socket, who holds it, and what waits to be sent.
+
+    Frames go through a bounded outbox drained by the socket's own pump task,
+    so a peer that does not read never holds up a broadcast or another room.
+    Only the handler task closes the socket (``request_stop`` asks it to): a
+    close from another task while the handler awaits ``receive()`` can end in
+    a reset instead of a clean close frame.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(heartbeat=PING_INTERVAL_S, max_msg_size=MAX_FRAME_BYTES,
+                         compress=False, timeout=CLOSE_HANDSHAKE_TIMEOUT_S)
+        self.identity: Identity | None = None
+        self.room: Room | None = None
+        self.outbox: collections.deque[str] = collections.deque()
+        self.outbox_bytes = 0
+        self.outbox_ready = asyncio.Event()
+        self.outbox_empty = asyncio.Event()
+        self.outbox_empty.set()
+        self.stop_code: int | None = None
+        self.stop_reason = ""
+        self.is_receiving = False
+        self.is_receive_cancelled = False
+        self.handler_task = asyncio.current_task()
+        self.finished = asyncio.get_running_loop().create_future()
+        self.last_typing_at = 0.0
+        # Live frames wait here until welcome and history are queued; message
+        # frames the history already holds are then dropped.
+        self.held_frames: list[tuple[str, int | None]] | None = []
+
+    def enqueue(self, text: str, message_id: int | None = None) -> None:
+        if self.closed:
+            return
+        if self.held_frames is not None:
+            self.held_frames.append((text, message_id))
+            return
+        if self.outbox_bytes + len(text) > OUTBOX_MAX_BYTES:
+            self.request_stop(WSCloseCode.POLICY_VIOLATION, "too slow: frames not taken")
+            return
+        self.outbox.append(text)
+        self.outbox_bytes += len(text)
+        self.outbox_empty.clear()
+        self.outbox_ready.set()
+
+    def send_later(self, frame: dict) -> None:
+        self.enqueue(encode_frame(frame))
+
+    def start_live(self, first_frames: list[dict], newest_history_id: int) -> None:
+        """Queue ``first_frames``, then the held live frames the history lacks."""
+        held, self.held_frames = self.held_frames or [], None
+        for frame in first_frames:
+            self.send_later(frame)
+        for text, message_id in held:
+            if message_id is None or message_id > newest_history_id:
+                self.enqueue(text)
+
+    def request_stop(self, code: int, reason: str) -> None:
+        """Ask the handler to close this socket with ``code``; the first ask wins."""
+        if self.stop_code is not None:
+            return
+        self.stop_code = code
+        self.stop_reason = reason
+        if self.is_receiving and self.handler_task is not None:
+            self.is_receive_cancelled = True
+            self.handler_task.cancel()
+
+    async def pump_outbox(self) -> None:
+        try:
+            while True:
+                await self.outbox_ready.wait()
+                self.outbox_ready.clear()
+                while self.outbox:
+                    text = self.outbox.popleft()
+                    self.outbox_bytes -= len(text)
+                    async with asyncio.timeout(SLOW_PEER_TIMEOUT_S):
+                        await self.send_str(text)
+                self.outbox_empty.set()
+        except TimeoutError:
+            self.request_stop(WSCloseCode.POLICY_VIOLATION, "too slow: frames not taken")
+        except (ConnectionError, RuntimeError):
+            self.request_stop(WSCloseCode.GOING_AWAY, "connection lost")
+        finally:
+            self.outbox_empty.set()
+
+
+@dataclass(slots=True)
+class RateBucket:
+    tokens: float
+    updated_at: float
+
+
+class ChatHub:
+    """Who is connected where: sockets per room, presence, rate limits."""
+
+    def __init__(self, rate_limit: float) -> None:
+        self.room_sockets: dict[str, weakref.WeakSet[ChatSocket]] = {}
+        self.socket_counts_by_user: dict[str, int] = {}
+        self.rate_buckets: dict[str, RateBucket] = {}
+        self.pending_leaves: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self.rate_limit = rate_limit
+        self.is_closing = False
+
+    def all_sockets(self) -> list[ChatSocket]:
+        return [ws for sockets in list(self.room_sockets.values()) for ws in list(sockets)]
+
+    def has_room_for(self, user_id: str) -> bool:
+        return self.socket_counts_by_user.get(user_id, 0) < MAX_SOCKETS_PER_USER
+
+    def is_present(self, room_id: str, user_id: str) -> bool:
+        return any(ws.identity.user_id == user_id for ws in self.room_sockets.get(room_id, ()))
+
+    def is_online(self, room_id: str, user_id: str) -> bool:
+        return self.is_present(room_id, user_id) or (room_id, user_id) in self.pending_leaves
+
+    def add(self, ws: ChatSocket) -> bool:
+        """Register a socket; True when its user just came into the room."""
+        room_id, user_id = ws.room.room_id, ws.identity.user_id
+        was_online = self.is_online(room_id, user_id)
+        pending_leave = self.pending_leaves.pop((room_id, user_id), None)
+        if pending_leave is not None:
+            pending_leave.cancel()  # back within the grace period: no leave, no join
+        self.room_sockets.setdefault(room_id, weakref.WeakSet()).add(ws)
+        self.socket_counts_by_user[user_id] = self.socket_counts_by_user.get(user_id, 0) + 1
+        return not was_online
+
+    def discard(self, ws: ChatSocket) -> None:
+        room_id, user_id = ws.room.room_id, ws.identity.user_id
+        sockets = self.room_sockets.get(room_id)
+        if sockets is None or ws not in sockets:
+            return
+        sockets.discard(ws)
+        if not sockets:
+            del self.room_sockets[room_id]
+        remaining = self.socket_counts_by_user.get(user_id, 1) - 1
+        if remaining > 0:
+            self.socket_counts_by_user[user_id] = remaining
+        else:
+            self.socket_counts_by_user.pop(user_id, None)
+            self.rate_buckets.pop(user_id, None)
+        if not self.is_present(room_id, user_id) and not self.is_closing:
+            self.pending_leaves[(room_id, user_id)] = asyncio.get_running_loop().call_later(
+                PRESENCE_GRACE_S, self._announce_leave, room_id, user_id, ws.identity.name)
+
+    def _announce_leave(self, room_id: str, user_id: str, name: str) -> None:
+        self.pending_leaves.pop((room_id, user_id), None)
+        if not self.is_present(room_id, user_id):
+            self.broadcast(room_id, system_frame("leave", room_id, user_id, name))
+
+    def broadcast(self, room_id: str, frame: dict, *, skip_user_id: str | None = None,
+                  skip_socket: ChatSocket | None = None) -> None:
+        """Encode once, queue for every socket in the room (the sender's included)."""
+        sockets = self.room_sockets.get(room_id)
+        if not sockets:
+            return
+        text = encode_frame(frame)
+        message_id = frame["id"] if frame["type"] in ("chat", "spread") else None
+        for ws in list(sockets):
+            if ws is not skip_socket and ws.identity.user_id != skip_user_id:
+                ws.enqueue(text, message_id)
+
+    def allows_send(self, user_id: str) -> bool:
+        """Token bucket over all of a user's sockets: rate a second, burst 4x."""
+        if self.rate_limit <= 0:
+            return True
+        now = time.monotonic()
+        burst = self.rate_limit * RATE_BURST_FACTOR
+        bucket = self.rate_buckets.get(user_id)
+        if bucket is None:
+            bucket = self.rate_buckets[user_id] = RateBucket(burst, now)
+        bucket.tokens = min(burst, bucket.tokens + (now - bucket.updated_at) * self.rate_limit)
+        bucket.updated_at = now
+        if bucket.tokens < 1:
+            return False
+        bucket.tokens -= 1
+        return True
+
+    def cancel_pending_leaves(self) -> None:
+        for handle in self.pending_leaves.values():
+            handle.cancel()
+        self.pending_leaves.clear()
+
+
+async def revalidate_sockets(db: aiosqlite.Connection, hub: ChatHub) -> None:
+    """After a management command: close sockets whose user or room changed."""
+    users: dict[str, sqlite3.Row | None] = {}
+    rooms: dict[str, Room | None] = {}
+    for ws in hub.all_sockets():
+        user_id, room_id = ws.identity.user_id, ws.room.room_id
+        if user_id not in users:
+            rows = await db.execute_fetchall(SELECT_USER, {"user_id": user_id})
+            users[user_id] = rows[0] if rows else None
+        if room_id not in rooms:
+            rooms[room_id] = await load_room(db, room_id)
+        user, room = users[user_id], rooms[room_id]
+        if user is None or user["role"] != ws.identity.role:
+            ws.request_stop(CLOSE_UNAUTHORIZED, "account changed; sign in again")
+        elif room is None or not room.admits(ws.identity):
+            ws.request_stop(CLOSE_FORBIDDEN, "not a participant of this room")
+        else:
+            ws.identity = Identity(user_id, ws.identity.role, user["name"], ws.identity.expires_at)
+            ws.room = room
+
+
+async def watch_admin_changes(db: aiosqlite.Connection, hub: ChatHub) -> None:
+    """Management commands bump admin_version; the server honours them within 2 s."""
+    seen_version = None
+    while True:
+        try:
+            rows = await db.execute_fetchall(SELECT_ADMIN_VERSION)
+            version = rows[0][0] if rows else None
+            if seen_version is not None and version != seen_version:
+                await revalidate_sockets(db, hub)
+            seen_version = version
+        except sqlite3.Error as error:
+            log.warning("admin watch failed error=%s", error)
+        await asyncio.sleep(ADMIN_POLL_INTERVAL_S)
+
+
+# ============================================================== HTTP ===
+
+SETTINGS = web.AppKey("SETTINGS", Settings)
+SECRET = web.AppKey("SECRET", str)
+DB_READ = web.AppKey("DB_READ", aiosqlite.Connection)
+WRITER = web.AppKey("WRITER", Writer)
+HUB = web.AppKey("HUB", ChatHub)
+
+ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 413: "too_large", 503: "unavailable"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code or ERROR_CODES.get(status, "error")
+        self.message = message
+
+
+def wants_json(request: web.Request) -> bool:
+    if request.query.get("format") == "json":
+        return True
+    if request.path.startswith((f"{BASE_PATH}/ws/", f"{BASE_PATH}/healthz")):
+        return True
+    if request.path.startswith(ROOMS_PATH + "/"):  # the messages API
+        return True
+    accept = request.headers.get("Accept", "")
+    return "application/json" in accept and "text/html" not in accept
+
+
+def error_response(request: web.Request, status: int, code: str, message: str) -> web.Response:
+    if wants_json(request):
+        return web.json_response({"error": {"code": code, "message": message}}, status=status)
+    context = {"status": status, "message": message, "is_sign_in_problem": status == 401,
+               "rooms_path": ROOMS_PATH}
+    return aiohttp_jinja2.render_template("error.html", request, context, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        return error_response(request, 413, "too_large", "the request body is over 64 KiB")
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return error_response(request, error.status, error.code, error.message)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        status = error.status if error.status in ERROR_CODES else 400
+        return error_response(request, status, ERROR_CODES[status], error.reason)
+    except asyncio.CancelledError:
+        raise
+    except sqlite3.Error as error:
+        log.warning("storage error path=%s error=%s", request.path, error)
+        return error_response(request, 503, "unavailable", "storage is unavailable; try again")
+    except Exception:
+        log.exception("unexpected error path=%s", request.path)
+        return error_response(request, 503, "unavailable", "something went wrong; try again")
+
+
+async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    if response.content_type == "text/html":
+        response.headers.setdefault(
+            "Content-Security-Policy",
+            "default-src 'self'; script-src 'self' 'unsafe-eval'; style-src 'self'; "
+            "img-src 'self' data:; connect-src 'self' ws: wss:; frame-ancestors 'none'; "
+            "base-uri 'none'; form-action 'self'")
+
+
+async def require_identity(request: web.Request) -> Identity:
+    try:
+        return await identity_from_token(request.app[DB_READ], token_from_request(request),
+                                         request.app[SECRET])
+    except AuthError as error:
+        raise ApiError(401, str(error)) from None
+
+
+def check_claimed_user(request: web.Request, identity: Identity) -> None:
+    claimed_user_id = request.query.get("user_id")
+    if claimed_user_id is not None and claimed_user_id != identity.user_id:
+        raise ApiError(403, "user_id does not match the signed-in user")
+
+
+async def require_room(request: web.Request, identity: Identity, room_id: str) -> Room:
+    room = await load_room(request.app[DB_READ], room_id)
+    if room is None:
+        raise ApiError(404, f"no such room: {room_id[:80]}")
+    if not room.admits(identity):
+        raise ApiError(403, "this room is not yours")
+    return room
+
+
+def parse_message_id(request: web.Request, name: str) -> int | None:
+    text = request.query.get(name)
+    if text is None:
+        return None
+    if not text.isascii() or not text.isdigit() or len(text) > 18:
+        raise ApiError(400, f"{name} must be a message id (a whole number ≥ 0)")
+    return int(text)
+
+
+def parse_limit(request: web.Request) -> int:
+    text = request.query.get("limit")
+    if text is None:
+        return PAGE_LIMIT_DEFAULT
+    if not (text.isascii() and text.isdigit() and len(text) <= 3
+            and 1 <= int(text) <= PAGE_LIMIT_MAX):
+        raise ApiError(400, f"limit must be a whole number from 1 to {PAGE_LIMIT_MAX}")
+    return int(text)
+
+
+async def fetch_room_list(request: web.Request, identity: Identity) -> list[dict]:
+    query = SELECT_ROOMS_OF_TRAINER if identity.role == "trainer" else SELECT_ROOMS_OF_MEMBER
+    rows = await request.app[DB_READ].execute_fetchall(query, {"user_id": identity.user_id})
+    zone = request.app[SETTINGS].tz
+    return [{"id": room_id_of(row["session_id"]), "member_name": row["member_name"],
+             "trainer_name": row["trainer_name"],
+             "last_activity": format_local_minute(row["last_activity"], zone),
+             "last_message": row["last_message"], "unread_count": row["unread_count"],
+             "status": row["status"]} for row in rows]
+
+
+async def rooms_handler(request: web.Request) -> web.StreamResponse:
+    identity = await require_identity(request)
+    check_claimed_user(request, identity)
+    chat_rooms = await fetch_room_list(request, identity)
+    if wants_json(request):
+        return web.json_response({"chat_rooms": chat_rooms})
+    context = {"identity": identity, "chat_rooms": chat_rooms,
+               "boot": {"user_id": identity.user_id, "role": identity.role,
+                        "name": identity.name, "rooms_path": ROOMS_PATH}}
+    return aiohttp_jinja2.render_template("chat_rooms.html", request, context)
+
+
+async def messages_handler(request: web.Request) -> web.Response:
+    identity = await require_identity(request)
+    check_claimed_user(request, identity)
+    room = await require_room(request, identity, request.match_info["room_id"])
+    before_id = parse_message_id(request, "before")
+    after_id = parse_message_id(request, "after")
+    if before_id is not None and after_id is not None:
+        raise ApiError(400, "give before or after, not both")
+    limit = parse_limit(request)
+    messages, has_more = await fetch_messages(request.app[DB_READ], room.session_id,
+                                              before_id=before_id, after_id=after_id, limit=limit)
+    return web.json_response({"messages": messages, "has_more": has_more})
+
+
+async def chat_page_handler(request: web.Request) -> web.Response:
+    identity = await require_identity(request)
+    check_claimed_user(request, identity)
+    room_id = request.query.get("room_id")
+    if not room_id:
+        raise ApiError(400, "room_id is required")
+    room = await require_room(request, identity, room_id)
+    db = request.app[DB_READ]
+    settings = request.app[SETTINGS]
+    messages, has_more = await fetch_messages(db, room.session_id, limit=HISTORY_LATEST_COUNT)
+    participants = await db.execute_fetchall(SELECT_PARTICIPANTS, {"session_id": room.session_id})
+    boot = {"room_id": room.room_id, "user_id": identity.user_id, "role": identity.role,
+            "name": identity.name, "status": room.status,
+            "ws_path": f"{BASE_PATH}/ws/chat/{room.room_id}",
+            "messages_path": f"{ROOMS_PATH}/{room.room_id}/messages",
+            "rooms_path": ROOMS_PATH, "tz": settings.tz_name,
+            "max_message_chars": settings.max_message_chars}
+    context = {"identity": identity, "room": room, "messages": messages, "has_more": has_more,
+               "participants": participants, "boot": boot}
+    return aiohttp_jinja2.render_template("distributor_chat.html", request, context)
+
+
+def safe_next_path(next_path: str | None) -> str:
+    """Only a plain path under /distributor/ is followed (no open redirect)."""
+    if not next_path or any(ord(char) < 0x20 or char == "\\" for char in next_path):
+        return ROOMS_PATH
+    parts = urlsplit(next_path)
+    if parts.scheme or parts.netloc or not parts.path.startswith(BASE_PATH + "/"):
+        return ROOMS_PATH
+    if any(segment in (".", "..") for segment in parts.path.split("/")):
+        return ROOMS_PATH
+    return next_path
+
+
+async def login_handler(request: web.Request) -> web.Response:
+    token = request.query.get("token")
+    try:
+        identity = await identity_from_token(request.app[DB_READ], token, request.app[SECRET])
+    except AuthError as error:
+        raise ApiError(401, str(error)) from None
+    response = web.Response(status=303, headers={"Location": safe_next_path(request.query.get("next"))})
+    response.set_cookie("distributor_token", token, path=BASE_PATH, httponly=True,
+                        samesite="Lax", secure=request.secure,
+                        max_age=max(0, int(identity.expires_at - time.time())))
+    return response
+
+
+async def logout_handler(request: web.Request) -> web.Response:
+    if wants_json(request):
+        response = web.json_response({"status": "signed_out"})
+    else:
+        response = web.Response(status=303, headers={"Location": ROOMS_PATH})
+    response.del_cookie("distributor_token", path=BASE_PATH)
+    return response
+
+
+async def healthz_handler(request: web.Request) -> web.Response:
+    await request.app[DB_READ].execute_fetchall(SELECT_HEALTH)
+    return web.json_response({"status": "ok"})
+
+
+async def home_handler(request: web.Request) -> web.Response:
+    return web.Response(status=303, headers={"Location": ROOMS_PATH})
+
+
+class PathOnlyAccessLogger(AbstractAccessLogger):
+    """Access lines without the query string: sign-in tokens ride in it."""
+
+    def log(self, request, response, time_taken: float) -> None:
+        self.logger.info("http %s %s status=%s ms=%.1f", request.method, request.path,
+                         response.status, time_taken * 1000)
+
+
+# ========================================================= WebSocket ===
+
+
+def origin_allowed(request: web.Request, settings: Settings) -> bool:
+    """No Origin (a non-browser client) or our own, or one the operator allowed."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    origin = origin.strip().lower().rstrip("/")
+    if origin in settings.allowed_origins:
+        return True
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and parts.netloc == request.host.lower()
+
+
+async def check_socket_access(request: web.Request, room_id: str) -> tuple[int, str] | tuple[Identity, Room]:
+    """(Identity, Room) for a caller who may be here, else (close code, reason)."""
+    db = request.app[DB_READ]
+    try:
+        identity = await identity_from_token(db, token_from_request(request), request.app[SECRET])
+    except AuthError as error:
+        return CLOSE_UNAUTHORIZED, str(error)
+    claimed_user_id = request.query.get("user_id")
+    if claimed_user_id is not None and claimed_user_id != identity.user_id:
+        return CLOSE_FORBIDDEN, "user_id does not match the signed-in user"
+    room = await load_room(db, room_id)
+    if room is None:
+        return CLOSE_NOT_FOUND, "no such room"
+    if not room.admits(identity):
+        return CLOSE_FORBIDDEN, "this room is not yours"
+    return identity, room
+
+
+def parse_after_id(request: web.Request) -> int | None:
+    """The client's newest message id; anything unusable reads as none."""
+    text = request.query.get("after", "")
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
+async def send_welcome(request: web.Request, ws: ChatSocket) -> None:
+    """Welcome, then history, then the live frames that came in meanwhile."""
+    db, hub = request.app[DB_READ], request.app[HUB]
+    room = ws.room
+    participants = await db.execute_fetchall(SELECT_PARTICIPANTS, {"session_id": room.session_id})
+    after_id = parse_after_id(request)
+    limit = HISTORY_LATEST_COUNT if after_id is None else HISTORY_RESUME_MAX
+    messages, has_more = await fetch_messages(db, room.session_id, after_id=after_id, limit=limit)
+    welcome = {
+        "type": "welcome", "room_id": room.room_id, "user_id": ws.identity.user_id,
+        "role": ws.identity.role, "status": room.status,
+        "participants": [{"user_id": row["user_id"], "name": row["name"], "role": row["role"],
+                          "online": hub.is_online(room.room_id, row["user_id"]),
+                          "last_read_id": row["last_read_id"]} for row in participants]}
+    history = {"type": "history", "messages": messages, "has_more": has_more}
+    ws.start_live([welcome, history], messages[-1]["id"] if messages else after_id or 0)
+
+
+class FrameError(Exception):
+    def __init__(self, code: str, message: str, client_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.client_id = client_id
+
+
+CLIENT_FRAME_TYPES = ("chat", "spread", "read", "typing")
+
+
+def parse_client_frame(text: str, ws: ChatSocket) -> dict:
+    """A client frame as a dict with a known type, checked against the socket."""
+    try:
+        frame = json.loads(text)
+    except ValueError:
+        raise FrameError("invalid_message", "frames must be JSON") from None
+    if not isinstance(frame, dict):
+        raise FrameError("invalid_message", "a frame must be a JSON object")
+    frame_type = frame.get("type")
+    if frame_type not in CLIENT_FRAME_TYPES:
+        raise FrameError("invalid_message", "unknown frame type")
+    for name, expected in (("room_id", ws.room.room_id), ("user_id", ws.identity.user_id)):
+        if name in frame:
+            if not isinstance(frame[name], str):
+                raise FrameError("invalid_message", f"{name} must be a string")
+            if frame[name] != expected:
+                raise FrameError("forbidden", f"{name} does not match this connection")
+    return frame
+
+
+def is_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return "\x00" not in text
+
+
+def checked_client_id(frame: dict) -> str:
+    client_id = frame.get("client_id")
+    if not isinstance(client_id, str) or not 1 <= len(client_id) <= CLIENT_ID_MAX_CHARS \
+            or not is_encodable(client_id):
+        raise FrameError("invalid_message", f"client_id must be 1 to {CLIENT_ID_MAX_CHARS} characters")
+    return client_id
+
+
+def checked_content(frame: dict, client_id: str, max_chars: int) -> str:
+    content = frame.get("content")
+    if not isinstance(content, str):
+        raise FrameError("invalid_message", "content must be a string", client_id)
+    if not is_encodable(content):
+        raise FrameError("invalid_message", "content has a NUL or a lone surrogate", client_id)
+    content = content.strip()
+    if not content:
+        raise FrameError("empty", "the message is empty", client_id)
+    if len(content) > max_chars:
+        raise FrameError("too_long", f"a message holds at most {max_chars} characters", client_id)
+    return content
+
+
+def reply_to_write(ws: ChatSocket, client_id: str, future: asyncio.Future) -> Any:
+    """The stored outcome, or None after telling the sender why it was not stored."""
+    if future.cancelled():
+        return None
+    error = future.exception()
+    if isinstance(error, RoomClosed):
+        ws.send_later(error_frame("room_closed", "this session has ended; the room is read-only",
+                                  client_id))
+    elif isinstance(error, StorageUnavailable):
+        ws.send_later(error_frame("unavailable", "not stored; retry later with the same client_id",
+                                  client_id))
+    elif error is not None:
+        log.error("write failed room_id=%s error=%r", ws.room.room_id, error)
+        ws.send_later(error_frame("unavailable", "not stored; retry later", client_id))
+    else:
+        return future.result()
+    return None
+
+
+def publish_chat(hub: ChatHub, ws: ChatSocket, client_id: str, content: str,
+                 future: asyncio.Future) -> None:
+    """Runs as the write settles, in commit order, even if the handler is gone."""
+    stored: StoredMessage | None = reply_to_write(ws, client_id, future)
+    if stored is None:
+        return
+    if not stored.is_duplicate:
+        hub.broadcast(ws.room.room_id, message_frame(
+            "chat", stored.message_id, ws.room.session_id, ws.identity.user_id, ws.identity.name,
+            content, stored.created_at, client_id))
+    ws.send_later(ack_frame(client_id, stored.message_id, stored.created_at))
+
+
+def publish_spread(hub: ChatHub, ws: ChatSocket, client_id: str, content: str,
+                   future: asyncio.Future) -> None:
+    stored: StoredSpread | None = reply_to_write(ws, client_id, future)
+    if stored is None:
+        return
+    for session_id, message_id in stored.message_ids_by_session.items():
+        hub.broadcast(room_id_of(session_id), message_frame(
+            "spread", message_id, session_id, ws.identity.user_id, ws.identity.name,
+            content, stored.created_at, client_id))
+    ws.send_later({**ack_frame(client_id, stored.message_id, stored.created_at),
+                   "rooms": stored.room_count})
+
+
+def publish_read(hub: ChatHub, ws: ChatSocket, future: asyncio.Future) -> None:
+    if future.cancelled() or future.exception() is not None:
+        return  # a lost read receipt is resent with the next one
+    last_read_id = future.result()
+    if last_read_id is not None:
+        hub.broadcast(ws.room.room_id, read_frame(ws.room.room_id, ws.identity.user_id,
+                                                  last_read_id))
+
+
+async def handle_send(request: web.Request, ws: ChatSocket, frame: dict) -> None:
+    settings, hub, writer = request.app[SETTINGS], request.app[HUB], request.app[WRITER]
+    client_id = checked_client_id(frame)
+    content = checked_content(frame, client_id, settings.max_message_chars)
+    is_spread = frame["type"] == "spread"
+    if is_spread and ws.identity.role != "trainer":
+        raise FrameError("forbidden", "only trainers can spread", client_id)
+    if not hub.allows_send(ws.identity.user_id):
+        raise FrameError("rate_limited", "too many messages; slow down", client_id)
+    params = {"session_id": ws.room.session_id, "user_id": ws.identity.user_id,
+              "content": content, "client_id": client_id, "created_at": utc_now_iso()}
+    apply, publish = (store_spread, publish_spread) if is_spread else (store_chat, publish_chat)
+    try:
+        future = writer.submit(apply, params)
+    except StorageUnavailable:
+        raise FrameError("unavailable", "not stored; retry later with the same client_id",
+                         client_id) from None
+    future.add_done_callback(lambda done: publish(hub, ws, client_id, content, done))
+    # Waiting keeps one frame in flight per socket; the shield keeps the
+    # write's own future (and so its ack) alive if this handler is stopped.
+    await asyncio.shield(future)
+
+
+async def handle_read(request: web.Request, ws: ChatSocket, frame: dict) -> None:
+    message_id = frame.get("message_id")
+    if not isinstance(message_id, int) or isinstance(message_id, bool) or message_id <= 0:
+        raise FrameError("invalid_message", "message_id must be a positive whole number")
+    params = {"session_id": ws.room.session_id, "user_id": ws.identity.user_id,
+              "message_id": min(message_id, 2**63 - 1)}
+    try:
+        future = request.app[WRITER].submit(store_read, params)
+    except StorageUnavailable:
+        raise FrameError("unavailable", "read receipt not stored; send it again later") from None
+    future.add_done_callback(lambda done: publish_read(request.app[HUB], ws, done))
+    await asyncio.shield(future)
+
+
+def handle_typing(request: web.Request, ws: ChatSocket) -> None:
+    now = time.monotonic()
+    if now - ws.last_typing_at < TYPING_RELAY_INTERVAL_S:
+        return  # keystrokes arrive faster than anyone can see them
+    ws.last_typing_at = now
+    request.app[HUB].broadcast(ws.room.room_id, typing_frame(ws.room.room_id, ws.identity.user_id),
+                               skip_user_id=ws.identity.user_id)
+
+
+async def handle_text(request: web.Request, ws: ChatSocket, text: str) -> None:
+    try:
+        frame = parse_client_frame(text, ws)
+        if frame["type"] in ("chat", "spread"):
+            await handle_send(request, ws, frame)
+        elif frame["type"] == "read":
+            await handle_read(request, ws, frame)
+        else:
+            handle_typing(request, ws)
+    except FrameError as error:
+        ws.send_later(error_frame(error.code, error.message, error.client_id))
+
+
+async def receive_frames(request: web.Request, ws: ChatSocket) -> None:
+    task = asyncio.current_task()
+    try:
+        while ws.stop_code is None:
+            ws.is_receiving = True
+            try:
+                message = await ws.receive()
+            finally:
+                ws.is_receiving = False
+            if message.type is WSMsgType.TEXT:
+                await handle_text(request, ws, message.data)
+            elif message.type is WSMsgType.BINARY:
+                ws.send_later(error_frame("invalid_message", "binary frames are not accepted"))
+            else:
+                return  # closed by the peer, too large (1009), or the connection broke
+    except asyncio.CancelledError:
+        if not ws.is_receive_cancelled:
+            raise
+        ws.is_receive_cancelled = False
+        task.uncancel()
+
+
+async def close_socket(request: web.Request, ws: ChatSocket) -> None:
+    """Flush what is queued (unless the peer is the problem), then close."""
+    if ws.stop_code not in (None, WSCloseCode.POLICY_VIOLATION) and not ws.closed:
+        try:
+            async with asyncio.timeout(SHUTDOWN_FLUSH_TIMEOUT_S):
+                await ws.outbox_empty.wait()
+        except TimeoutError:
+            pass
+    code = ws.stop_code or WSCloseCode.OK
+    try:
+        async with asyncio.timeout(CLOSE_HANDSHAKE_TIMEOUT_S + 1):
+            await ws.close(code=code, message=ws.stop_reason.encode()[:120])
+    except (TimeoutError, ConnectionError):
+        if request.transport is not None:
+            request.transport.abort()
+
+
+async def refuse_socket(ws: ChatSocket, code: int, reason: str) -> ChatSocket:
+    try:
+        await ws.close(code=code, message=reason.encode()[:120])
+    except ConnectionError:
+        pass
+    return ws
+
+
+async def chat_socket_handler(request: web.Request) -> web.StreamResponse:
+    settings, hub = request.app[SETTINGS], request.app[HUB]
+    if not origin_allowed(request, settings):
+        raise ApiError(403, "cross-site WebSocket refused: this origin is not allowed")
+    room_id = request.match_info["room_id"]
+    access = await check_socket_access(request, room_id)
+    ws = ChatSocket()
+    await ws.prepare(request)
+    if isinstance(access[0], int):
+        code, reason = access
+        log.info("ws refused room_id=%s code=%s", room_id[:80], code)
+        return await refuse_socket(ws, code, reason)
+    ws.identity, ws.room = access
+    if hub.is_closing:
+        return await refuse_socket(ws, WSCloseCode.GOING_AWAY, "server shutting down")
+    if not hub.has_room_for(ws.identity.user_id):
+        return await refuse_socket(ws, WSCloseCode.POLICY_VIOLATION,
+                                   f"at most {MAX_SOCKETS_PER_USER} open connections per user")
+    pump = asyncio.create_task(ws.pump_outbox())
+    expiry = asyncio.get_running_loop().call_later(
+        max(0.0, ws.identity.expires_at - time.time()),
+        ws.request_stop, CLOSE_UNAUTHORIZED, "token expired; sign in again")
+    is_new_presence = hub.add(ws)
+    log.info("ws open room_id=%s user_id=%s sockets=%d", room_id, ws.identity.user_id,
+             len(hub.room_sockets.get(room_id, ())))
+    try:
+        await send_welcome(request, ws)
+        if is_new_presence:
+            hub.broadcast(room_id, system_frame("join", room_id, ws.identity.user_id,
+                                                ws.identity.name), skip_socket=ws)
+        await receive_frames(request, ws)
+    finally:
+        expiry.cancel()
+        hub.discard(ws)
+        await close_socket(request, ws)
+        pump.cancel()
+        ws.finished.set_result(None)
+        log.info("ws close room_id=%s user_id=%s code=%s", room_id, ws.identity.user_id,
+                 ws.close_code)
+    return ws
+
+
+# =============================================================== app ===
+
+
+async def database_context(app: web.Application):
+    settings = app[SETTINGS]
+    db_write = await open_write_connection(settings.db_path)
+    app[SECRET] = settings.secret or await _stored_secret(db_write)
+    app[DB_READ] = await open_read_connection(settings.db_path)
+    app[WRITER] = Writer(db_write)
+    yield
+    await app[DB_READ].close()  # an unclosed aiosqlite thread blocks exit
+    await db_write.close()
+
+
+async def _stored_secret(db: aiosqlite.Connection) -> str:
+    await db.execute(INSERT_SECRET, {"secret": secrets.token_urlsafe(32)})
+    rows = await db.execute_fetchall(SELECT_SECRET)
+    return rows[0][0]
+
+
+async def writer_context(app: web.Application):
+    app[WRITER].start()
+    yield
+    await app[WRITER].stop()  # after every handler: nothing queued is dropped
+
+
+async def hub_context(app: web.Application):
+    watcher = asyncio.create_task(watch_admin_changes(app[DB_READ], app[HUB]))
+    yield
+    watcher.cancel()
+    await asyncio.gather(watcher, return_exceptions=True)
+
+
+async def close_all_sockets(app: web.Application) -> None:
+    """On shutdown: every socket closes with 1001, each by its own handler."""
+    hub = app[HUB]
+    hub.is_closing = True
+    hub.cancel_pending_leaves()
+    sockets = hub.all_sockets()  # a copy: handlers discard while we await
+    for ws in sockets:
+        ws.request_stop(WSCloseCode.GOING_AWAY, "server shutting down")
+    if sockets:
+        await asyncio.wait([ws.finished for ws in sockets], timeout=SHUTDOWN_SOCKETS_TIMEOUT_S)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY_BYTES)
+    app[SETTINGS] = settings
+    app[HUB] = ChatHub(settings.rate_limit)
+    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=True)
+    app.router.add_get("/", home_handler)
+    app.router.add_get(BASE_PATH, home_handler)
+    app.router.add_get(BASE_PATH + "/", home_handler)
+    app.router.add_get(f"{BASE_PATH}/chat", chat_page_handler)
+    app.router.add_get(ROOMS_PATH, rooms_handler)
+    app.router.add_get(ROOMS_PATH + "/{room_id}/messages", messages_handler)
+    app.router.add_get(f"{BASE_PATH}/ws/chat/{{room_id}}", chat_socket_handler)
+    app.router.add_get(f"{BASE_PATH}/login", login_handler)
+    app.router.add_post(f"{BASE_PATH}/logout", logout_handler)
+    app.router.add_get(f"{BASE_PATH}/healthz", healthz_handler)
+    app.router.add_static(f"{BASE_PATH}/static/", STATIC_DIR)
+    app.cleanup_ctx.extend([database_context, writer_context, hub_context])
+    app.on_shutdown.append(close_all_sockets)
+    app.on_response_prepare.append(add_security_headers)
+    return app
+
+
+# =============================================================== CLI ===
+
+
+class CommandError(Exception):
+    """A management command could not be done; nothing was changed (exit 1)."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """Bad arguments exit 2 with a one-line reason, not a usage screen."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
+    return int(text)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number ≥ 1: {text!r}")
+    return int(text)
+
+
+def _rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = -1.0
+    if not math.isfinite(rate) or rate < 0:
+        raise argparse.ArgumentTypeError(f"not a rate ≥ 0: {text!r}")
+    return rate
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"choose one of {', '.join(LOG_LEVELS)}, not {text!r}")
+    return text.lower()
+
+
+def _zone(text: str) -> str:
+    try:
+        ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown time zone: {text!r}") from None
+    return text
+
+
+def _origin(text: str) -> str:
+    origin = text.strip().lower().rstrip("/")
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+        raise argparse.ArgumentTypeError(f"an origin looks like https://gym.example: {text!r}")
+    return origin
+
+
+def _ttl_seconds(text: str) -> int:
+    match = re.fullmatch(r"([1-9][0-9]{0,6})([smhd])", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"a ttl is a number with s, m, h or d, like 12h: {text!r}")
+    return int(match.group(1)) * TTL_UNITS_S[match.group(2)]
+
+
+def _user_id(text: str) -> str:
+    if not USER_ID_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"a user id is 1 to 64 of A-Z a-z 0-9 _ . @ -: {text!r}")
+    return text
+
+
+def _name(text: str) -> str:
+    name = text.strip()
+    if not name or len(name) > USER_NAME_MAX_CHARS or not is_encodable(name):
+        raise argparse.ArgumentTypeError(f"a name is 1 to {USER_NAME_MAX_CHARS} characters")
+    return name
+
+
+# (flag, dest, type, help); each also reads DISTRIBUTOR_<FLAG> from the environment.
+SERVER_OPTIONS = (
+    ("--host", "host", str, "address to listen on (default 127.0.0.1)"),
+    ("--port", "port", _port, "port to listen on (default 8080; 0 picks a free one)"),
+    ("--db", "db", str, "SQLite file (default ./distributor_chat.db)"),
+    ("--secret", "secret", str, "JWT HS256 key (default: one kept in the database)"),
+    ("--tz", "tz", _zone, "time zone for displayed times (default: the machine's)"),
+    ("--max-message-chars", "max_message_chars", _positive_int, "default 2000"),
+    ("--rate-limit", "rate_limit", _rate, "chat/spread frames a second per user (0: off)"),
+    ("--log-level", "log_level", _log_level, "debug, info, warning or error"),
+)
+OPTION_DEFAULTS = {"host": "127.0.0.1", "port": "8080", "db": "distributor_chat.db",
+                   "secret": None, "tz": None, "max_message_chars": "2000",
+                   "rate_limit": "5", "log_level": "info"}
+
+
+def _env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def add_server_options(parser: argparse.ArgumentParser, *, from_env: bool) -> None:
+    """The shared options; on subcommands they default to 'not given' so that
+    an option placed before the subcommand is not overwritten."""
+    for flag, dest, kind, help_text in SERVER_OPTIONS:
+        default = os.environ.get(_env_name(flag), OPTION_DEFAULTS[dest]) if from_env \
+            else argparse.SUPPRESS
+        parser.add_argument(flag, dest=dest, type=kind, default=default, help=help_text)
+    parser.add_argument("--allowed-origin", dest="allowed_origin", type=_origin, action="append",
+                        default=None if from_env else argparse.SUPPRESS,
+                        help="another origin allowed to open sockets (repeatable)")
+    parser.add_argument("--no-demo", dest="no_demo", action="store_true",
+                        default=False if from_env else argparse.SUPPRESS,
+                        help="do not seed the demo gym into an empty database")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineArgumentParser(prog="distributor_chat.py",
+                                   description="Distributor Chat server and management commands.")
+    add_server_options(parser, from_env=True)
+    commands = parser.add_subparsers(dest="command", parser_class=OneLineArgumentParser)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        add_server_options(sub, from_env=False)
+        return sub
+
+    command("serve", "run the chat server (the default)")
+    add_user = command("add-user", "add a user and print their id")
+    add_user.add_argument("--role", required=True, choices=("trainer", "member"))
+    add_user.add_argument("--name", required=True, type=_name)
+    add_user.add_argument("--id", dest="user_id", type=_user_id)
+    add_session = command("add-session", "link a trainer and a member; print the room id")
+    add_session.add_argument("--trainer", required=True)
+    add_session.add_argument("--member", required=True)
+    end_session = command("end-session", "make a room read-only")
+    end_session.add_argument("room_id")
+    token = command("token", "print a JWT and a sign-in link for a user")
+    token.add_argument("user_id")
+    token.add_argument("--ttl", type=_ttl_seconds, default=_ttl_seconds(DEFAULT_TOKEN_TTL))
+    import_file = command("import", "load users and sessions from a JSON file")
+    import_file.add_argument("file")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
+    origins = args.allowed_origin
+    if origins is None:
+        env_origins = os.environ.get(_env_name("--allowed-origin"), "")
+        try:
+            origins = [_origin(item) for item in env_origins.split(",") if item.strip()]
+        except argparse.ArgumentTypeError as error:
+            parser.error(f"{_env_name('--allowed-origin')}: {error}")
+    no_demo = args.no_demo or os.environ.get(_env_name("--no-demo"), "").lower() in ("1", "true", "yes")
+    return Settings(host=args.host, port=args.port, db_path=Path(args.db), secret=args.secret or None,
+                    allowed_origins=tuple(origins), tz=ZoneInfo(args.tz) if args.tz else None,
+                    tz_name=args.tz or machine_tz_name(),
+                    max_message_chars=args.max_message_chars, rate_limit=args.rate_limit,
+                    log_level=args.log_level, demo=not no_demo)
+
+
+def open_cli_database(settings: Settings) -> sqlite3.Connection:
+    try:
+        db = sqlite3.connect(settings.db_path, isolation_level=None, timeout=CLI_BUSY_TIMEOUT_S)
+        db.row_factory = sqlite3.Row
+        db.executescript(PRAGMAS_SQL + SCHEMA_SQL)
+    except sqlite3.Error as error:
+        raise CommandError(f"cannot open the database {settings.db_path}: {error}") from None
+    return db
+
+
+def cli_secret(db: sqlite3.Connection, settings: Settings) -> str:
+    if settings.secret:
+        return settings.secret
+    db.execute(INSERT_SECRET, {"secret": secrets.token_urlsafe(32)})
+    return db.execute(SELECT_SECRET).fetchone()[0]
+
+
+def sign_in_link(settings: Settings, token: str, next_path: str = ROOMS_PATH) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    host = f"[{host}]" if ":" in host else host
+    return (f"http://{host}:{settings.port}{BASE_PATH}/login?token={token}"
+            f"&next={quote(next_path, safe='/')}")
+
+
+def find_user(db: sqlite3.Connection, user_id: str) -> sqlite3.Row:
+    user = db.execute(SELECT_USER, {"user_id": user_id}).fetchone()
+    if user is None:
+        raise CommandError(f"no user with id {user_id!r}")
+    return user
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any error: all or nothing."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute(BEGIN_IMMEDIATE)
+        return self.db
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None:
+            self.db.execute(BUMP_ADMIN_VERSION)
+            self.db.execute(COMMIT)
+        else:
+            self.db.execute(ROLLBACK)
+
+
+def cmd_add_user(db: sqlite3.Connection, settings: Settings, args: argparse.Namespace) -> None:
+    user_id = args.user_id or f"{args.role}_{secrets.token_hex(4)}"
+    with _Transaction(db):
+        if db.execute(SELECT_USER, {"user_id": user_id}).fetchone():
+            raise CommandError(f"a user with id {user_id!r} already exists")
+        db.execute(INSERT_USER, {"user_id": user_id, "name": args.name, "role": args.role,
+                                 "created_at": utc_now_iso()})
+    print(user_id)
+
+
+def cmd_add_session(db: sqlite3.Connection, settings: Settings, args: argparse.Namespace) -> None:
+    with _Transaction(db):
+        if find_user(db, args.trainer)["role"] != "trainer":
+            raise CommandError(f"user {args.trainer!r} is not a trainer")
+        if find_user(db, args.member)["role"] != "member":
+            raise CommandError(f"user {args.member!r} is not a member")
+        session_id = db.execute(INSERT_SESSION, {"trainer_id": args.trainer,
+                                                 "member_id": args.member,
+                                                 "created_at": utc_now_iso()}).fetchone()[0]
+    print(room_id_of(session_id))
+
+
+def cmd_end_session(db: sqlite3.Connection, settings: Settings, args: argparse.Namespace) -> None:
+    session_id = session_id_of(args.room_id)
+    with _Transaction(db):
+        if session_id is None or not db.execute(END_SESSION, {"session_id": session_id}).rowcount:
+            raise CommandError(f"no such room: {args.room_id!r}")
+    print(f"{args.room_id} ended")
+
+
+def cmd_token(db: sqlite3.Connection, settings: Settings, args: argparse.Namespace) -> None:
+    user = find_user(db, args.user_id)
+    token = issue_token(cli_secret(db, settings), user["id"], user["role"], user["name"], args.ttl)
+    print(token)
+    print(sign_in_link(settings, token))
+
+
+def _import_users(data: dict) -> list[dict]:
+    users = data.get("users", [])
+    if not isinstance(users, list):
+        raise CommandError("'users' must be a list")
+    seen: set[str] = set()
+    for index, user in enumerate(users):
+        where = f"users[{index}]"
+        if not isinstance(user, dict):
+            raise CommandError(f"{where} must be an object")
+        if not isinstance(user.get("id"), str) or not USER_ID_PATTERN.fullmatch(user["id"]):
+            raise CommandError(f"{where}.id must be 1 to 64 of A-Z a-z 0-9 _ . @ -")
+        if user["id"] in seen:
+            raise CommandError(f"{where}.id {user['id']!r} appears twice")
+        seen.add(user["id"])
+        name = user.get("name")
+        if not isinstance(name, str) or not name.strip() or len(name.strip()) > USER_NAME_MAX_CHARS \
+                or not is_encodable(name):
+            raise CommandError(f"{where}.name must be 1 to {USER_NAME_MAX_CHARS} characters")
+        if user.get("role") not in ("trainer", "member"):
+            raise CommandError(f"{where}.role must be trainer or member")
+    return [{"user_id": user["id"], "name": user["name"].strip(), "role": user["role"]}
+            for user in users]
+
+
+def _import_sessions(data: dict) -> list[dict]:
+    sessions = data.get("sessions", [])
+    if not isinstance(sessions, list):
+        raise CommandError("'sessions' must be a list")
+    seen: set[int] = set()
+    for index, session in enumerate(sessions):
+        where = f"sessions[{index}]"
+        if not isinstance(session, dict):
+            raise CommandError(f"{where} must be an object")
+        session_id = session.get("id")
+        if not isinstance(session_id, int) or isinstance(session_id, bool) \
+                or not 1 <= session_id < 10**18:
+            raise CommandError(f"{where}.id must be a positive whole number")
+        if session_id in seen:
+            raise CommandError(f"{where}.id {session_id} appears twice")
+        seen.add(session_id)
+        for key in ("trainer", "member"):
+            if not isinstance(session.get(key), str):
+                raise CommandError(f"{where}.{key} must be a user id")
+    return [{"session_id": session["id"], "trainer_id": session["trainer"],
+             "member_id": session["member"]} for session in sessions]
+
+
+def cmd_import(db: sqlite3.Connection, settings: Settings, args: argparse.Namespace) -> None:
+    try:
+        data = json.loads(Path(args.file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise CommandError(f"cannot read {args.file}: {error}") from None
+    except ValueError as error:
+        raise CommandError(f"{args.file} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise CommandError(f"{args.file} must hold a JSON object with users and sessions")
+    users, sessions = _import_users(data), _import_sessions(data)
+    counts = collections.Counter()
+    now = utc_now_iso()
+    with _Transaction(db):
+        for user in users:
+            exists = db.execute(SELECT_USER, user).fetchone() is not None
+            db.execute(UPDATE_USER if exists else INSERT_USER, {**user, "created_at": now})
+            counts["users updated" if exists else "users added"] += 1
+        for session in sessions:
+            for key, role in (("trainer_id", "trainer"), ("member_id", "member")):
+                user = db.execute(SELECT_USER, {"user_id": session[key]}).fetchone()
+                if user is None or user["role"] != role:
+                    raise CommandError(f"session {session['session_id']}: "
+                                       f"{session[key]!r} is not a {role}")
+            exists = db.execute(SELECT_ROOM, session).fetchone() is not None
+            db.execute(UPDATE_SESSION_PARTICIPANTS if exists else INSERT_SESSION_WITH_ID,
+                       {**session, "created_at": now})
+            counts["sessions updated" if exists else "sessions added"] += 1
+        if db.execute(COUNT_SESSIONS_WITH_WRONG_ROLES).fetchone()[0]:
+            raise CommandError("a role change would leave a session without its trainer or member")
+    print(f"users: {counts['users added']} added, {counts['users updated']} updated; "
+          f"sessions: {counts['sessions added']} added, {counts['sessions updated']} updated")
+
+
+# Demo gym: one trainer, three members, three PT sessions, a few messages.
+DEMO_USERS = (
+    ("coach_kim", "김민준 코치", "trainer"),
+    ("member_lee", "이서연", "member"),
+    ("member_park", "박지호", "member"),
+    ("member_choi", "최하은", "member"),
+)
+DEMO_MESSAGES = (
+    # (session index, sender, text)
+    (0, "coach_kim", "서연님, 내일 아침 7시 하체 운동 맞죠?"),
+    (0, "member_lee", "네! 스쿼트 자세 한 번 더 봐주세요 🙏"),
+    (0, "coach_kim", "좋아요. 물 많이 드시고 푹 주무세요."),
+    (1, "member_park", "코치님 오늘 수업 10분 늦을 것 같아요"),
+    (1, "coach_kim", "괜찮아요, 천천히 오세요."),
+    (2, "coach_kim", "하은님 식단 기록 잘 보고 있어요 👍"),
+)
+DEMO_SPREAD = "이번 주 토요일은 센터 휴무입니다. 좋은 주말 보내세요!"
+
+
+def seed_demo(db: sqlite3.Connection) -> list[sqlite3.Row]:
+    """Fill an empty database with the demo gym; the users to print links for."""
+    with _Transaction(db):
+        if db.execute(COUNT_USERS).fetchone()[0]:
+            return []
+        now = utc_now_iso()
+        for user_id, name, role in DEMO_USERS:
+            db.execute(INSERT_USER, {"user_id": user_id, "name": name, "role": role,
+                                     "created_at": now})
+        trainer_id = DEMO_USERS[0][0]
+        session_ids = [db.execute(INSERT_SESSION, {"trainer_id": trainer_id, "member_id": member_id,
+                                                   "created_at": now}).fetchone()[0]
+                       for member_id, _, _ in DEMO_USERS[1:]]
+        for number, (session_index, user_id, content) in enumerate(DEMO_MESSAGES, start=1):
+            db.execute(INSERT_CHAT_MESSAGE, {"session_id": session_ids[session_index],
+                                             "user_id": user_id, "content": content,
+                                             "client_id": f"demo-{number}",
+                                             "created_at": now}).fetchall()
+        db.execute(INSERT_SPREAD_MESSAGES, {"user_id": trainer_id, "content": DEMO_SPREAD,
+                                            "client_id": "demo-spread", "created_at": now}).fetchall()
+    return [find_user(db, user_id) for user_id, _, _ in DEMO_USERS]
+
+
+async def run_server(settings: Settings, demo_users: list[sqlite3.Row], secret: str) -> None:
+    runner = web.AppRunner(create_app(settings), handle_signals=False, shutdown_timeout=1.0,
+                           access_log_class=PathOnlyAccessLogger)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    try:
+        await site.start()
+    except OSError as error:
+        await runner.cleanup()
+        raise CommandError(f"cannot listen on {settings.host}:{settings.port}: "
+                           f"{error.strerror or error}") from None
+    port = runner.addresses[0][1] if runner.addresses else settings.port
+    settings = dataclasses.replace(settings, port=port)
+    print(f"Distributor Chat on http://{settings.host}:{port}{ROOMS_PATH}", flush=True)
+    for user in demo_users:
+        token = issue_token(secret, user["id"], user["role"], user["name"],
+                            _ttl_seconds(DEFAULT_TOKEN_TTL))
+        print(f"  {user['name']} ({user['role']}): {sign_in_link(settings, token)}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signal_number, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await runner.cleanup()
+
+
+def cmd_serve(db: sqlite3.Connection, settings: Settings, args: argparse.Namespace) -> None:
+    demo_users = seed_demo(db) if settings.demo else []
+    if demo_users:
+        print("Empty database: seeded the demo gym. Sign in with these links (valid 12 h):")
+    secret = cli_secret(db, settings)
+    db.close()
+    asyncio.run(run_server(settings, demo_users, secret))
+
+
+COMMANDS = {"serve": cmd_serve, "add-user": cmd_add_user, "add-session": cmd_add_session,
+            "end-session": cmd_end_session, "token": cmd_token, "import": cmd_import}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = settings_from_args(args, parser)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # aiosqlite's debug lines carry SQL parameters: message text never goes to a log.
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
+    try:
+        db = open_cli_database(settings)
+        try:
+            COMMANDS[args.command or "serve"](db, settings, args)
+        finally:
+            db.close()
+    except CommandError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

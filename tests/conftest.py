@@ -1,0 +1,189 @@
+"""Shared fixtures: a real app on a fresh SQLite file in tmp_path, real sockets."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import distributor_chat as dc  # noqa: E402
+
+SECRET = "test-secret-for-distributor-chat-tests-0123456789"
+SERVER_SCRIPT = ROOT / "distributor_chat.py"
+
+# The test gym: two trainers, three members, three PT sessions.
+USERS = (
+    ("t1", "Coach One", "trainer"),
+    ("t2", "Coach Two", "trainer"),
+    ("m1", "Member One", "member"),
+    ("m2", "Member Two", "member"),
+    ("m3", "Member Three", "member"),
+)
+SESSIONS = ((1, "t1", "m1"), (2, "t1", "m2"), (3, "t2", "m3"))
+
+
+def make_settings(tmp_path: Path, **overrides) -> dc.Settings:
+    values = {"db_path": tmp_path / "chat.db", "secret": SECRET, "demo": False}
+    values.update(overrides)
+    return dc.Settings(**values)
+
+
+def seed_gym(settings: dc.Settings, users=USERS, sessions=SESSIONS) -> None:
+    """Users and sessions through the same statements the CLI uses."""
+    db = dc.open_cli_database(settings)
+    try:
+        now = dc.utc_now_iso()
+        for user_id, name, role in users:
+            db.execute(dc.INSERT_USER, {"user_id": user_id, "name": name, "role": role,
+                                        "created_at": now})
+        for session_id, trainer_id, member_id in sessions:
+            db.execute(dc.INSERT_SESSION_WITH_ID, {"session_id": session_id,
+                                                   "trainer_id": trainer_id,
+                                                   "member_id": member_id, "created_at": now})
+    finally:
+        db.close()
+
+
+def make_token(user_id: str, role: str | None = None, *, ttl_s: float = 3600,
+               secret: str = SECRET, **claims) -> str:
+    role = role or dict((u, r) for u, _, r in USERS).get(user_id, "member")
+    payload = {"sub": user_id, "role": role, "exp": int(time.time() + ttl_s), **claims}
+    return jwt.encode(payload, secret, algorithm="HS256")
+
+
+def auth(user_id: str, **kwargs) -> dict:
+    return {"Authorization": f"Bearer {make_token(user_id, **kwargs)}"}
+
+
+async def wait_until(check, timeout_s: float = 5.0, interval_s: float = 0.02):
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(interval_s)
+
+
+async def receive_until(ws, predicate, timeout_s: float = 5.0) -> dict:
+    """The first JSON frame matching predicate; frames before it are skipped."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, "no matching frame in time"
+        frame = await ws.receive_json(timeout=remaining)
+        if predicate(frame):
+            return frame
+
+
+async def open_room(client, room_id: str, user_id: str, *, after: int | None = None,
+                    token: str | None = None):
+    """A socket past welcome and history: (ws, welcome, history)."""
+    path = f"/distributor/ws/chat/{room_id}"
+    if after is not None:
+        path += f"?after={after}"
+    token = token or make_token(user_id)
+    ws = await client.ws_connect(path, headers={"Authorization": f"Bearer {token}"})
+    welcome = await ws.receive_json(timeout=5)
+    assert welcome["type"] == "welcome", welcome
+    history = await ws.receive_json(timeout=5)
+    assert history["type"] == "history", history
+    return ws, welcome, history
+
+
+@pytest.fixture
+def settings(tmp_path) -> dc.Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+async def client(settings, aiohttp_client):
+    """A test client of the real app on a seeded, fresh database."""
+    seed_gym(settings)
+    return await aiohttp_client(dc.create_app(settings))
+
+
+@pytest.fixture
+def make_client(tmp_path, aiohttp_client):
+    """A factory for a client with other settings (rate limit, origins, ...)."""
+    async def factory(**overrides):
+        settings = make_settings(tmp_path, **overrides)
+        seed_gym(settings)
+        return await aiohttp_client(dc.create_app(settings))
+    return factory
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ServerProcess:
+    """``python distributor_chat.py`` as a real child process."""
+
+    def __init__(self, db_path: Path, port: int, *extra: str, env: dict | None = None) -> None:
+        self.db_path, self.port, self.extra = db_path, port, extra
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen | None = None
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    def start(self, timeout_s: float = 10.0) -> "ServerProcess":
+        self.process = subprocess.Popen(
+            [sys.executable, str(SERVER_SCRIPT), "--db", str(self.db_path), "--port", str(self.port),
+             "--secret", SECRET, "--no-demo", *self.extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.process.stdout.read()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("server did not start in time")
+
+    def stop(self, sig=None, timeout_s: float = 10.0) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(sig or 15)
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError("server did not exit in time")
+
+
+@pytest.fixture
+def server_process(tmp_path):
+    """A factory for real server processes on a seeded database; all stopped after."""
+    started: list[ServerProcess] = []
+
+    def factory(*extra: str, seed: bool = True, db_path: Path | None = None,
+                port: int | None = None, env: dict | None = None) -> ServerProcess:
+        path = db_path or tmp_path / "chat.db"
+        if seed and not path.exists():
+            seed_gym(make_settings(tmp_path, db_path=path))
+        server = ServerProcess(path, port or free_port(), *extra, env=env)
+        started.append(server)
+        return server.start()
+
+    yield factory
+    for server in started:
+        if server.process and server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
+def run_cli(*args: str, db_path: Path, env: dict | None = None, stdin=None,
+            timeout_s: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SERVER_SCRIPT), *args, "--db", str(db_path)],
+                          capture_output=True, text=True, timeout=timeout_s,
+                          env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
