@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Any, Awaitable, Callable
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiohttp_jinja2
@@ -45,7 +45,7 @@ log = logging.getLogger("distributor_chat")
 HERE = Path(__file__).resolve().parent
 SCHEMA_PATH = HERE / "schema.sql"
 TEMPLATES_DIR = HERE / "templates"
-STATIC_DIR = HERE / "static"
+STATIC_DIR = (HERE / "static").resolve()
 
 BASE_PATH = "/distributor"
 ROOMS_PATH = f"{BASE_PATH}/chat/rooms"
@@ -614,7 +614,8 @@ class ChatSocket(web.WebSocketResponse):
     """
 
     def __init__(self) -> None:
-        super().__init__(heartbeat=PING_INTERVAL_S, max_msg_size=MAX_FRAME_BYTES,
+        # aiohttp refuses a frame of max_msg_size itself; 64 KiB exactly is allowed.
+        super().__init__(heartbeat=PING_INTERVAL_S, max_msg_size=MAX_FRAME_BYTES + 1,
                          compress=False, timeout=CLOSE_HANDSHAKE_TIMEOUT_S)
         self.identity: Identity | None = None
         self.room: Room | None = None
@@ -807,14 +808,17 @@ async def revalidate_sockets(db: aiosqlite.Connection, hub: ChatHub) -> None:
             ws.room = room
 
 
+_NOT_READ = object()
+
+
 async def watch_admin_changes(db: aiosqlite.Connection, hub: ChatHub) -> None:
     """Management commands bump admin_version; the server honours them within 2 s."""
-    seen_version = None
+    seen_version: object = _NOT_READ
     while True:
         try:
             rows = await db.execute_fetchall(SELECT_ADMIN_VERSION)
             version = rows[0][0] if rows else None
-            if seen_version is not None and version != seen_version:
+            if seen_version is not _NOT_READ and version != seen_version:
                 await revalidate_sockets(db, hub)
             seen_version = version
         except sqlite3.Error as error:
@@ -866,6 +870,8 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         return error_response(request, 413, "too_large", "the request body is over 64 KiB")
     try:
+        if request.can_read_body and request.content_length is None:
+            await request.read()  # a chunked body: client_max_size answers 413 past 64 KiB
         return await handler(request)
     except ApiError as error:
         return error_response(request, error.status, error.code, error.message)
@@ -1004,7 +1010,8 @@ def safe_next_path(next_path: str | None) -> str:
     parts = urlsplit(next_path)
     if parts.scheme or parts.netloc or not parts.path.startswith(BASE_PATH + "/"):
         return ROOMS_PATH
-    if any(segment in (".", "..") for segment in parts.path.split("/")):
+    # Browsers resolve %2e%2e as "..": judge the path as they will read it.
+    if any(segment in (".", "..") for segment in unquote(parts.path).split("/")):
         return ROOMS_PATH
     return next_path
 
@@ -1034,6 +1041,18 @@ async def logout_handler(request: web.Request) -> web.Response:
 async def healthz_handler(request: web.Request) -> web.Response:
     await request.app[DB_READ].execute_fetchall(SELECT_HEALTH)
     return web.json_response({"status": "ok"})
+
+
+async def static_handler(request: web.Request) -> web.FileResponse:
+    """Files under static/ only; a missing one is a 404 in the usual error shape."""
+    try:
+        target = (STATIC_DIR / request.match_info["path"]).resolve()
+        is_ours = target.is_relative_to(STATIC_DIR) and target.is_file()
+    except (OSError, ValueError):  # a NUL or an over-long name
+        is_ours = False
+    if not is_ours:
+        raise ApiError(404, "no such file")
+    return web.FileResponse(target, headers={"Cache-Control": "no-cache"})
 
 
 async def home_handler(request: web.Request) -> web.Response:
@@ -1220,6 +1239,13 @@ def publish_read(hub: ChatHub, ws: ChatSocket, future: asyncio.Future) -> None:
                                                   last_read_id))
 
 
+async def wait_settled(future: asyncio.Future) -> None:
+    """Keep one write in flight per socket. ``asyncio.wait`` neither raises the
+    write's error (its callback answers the client) nor cancels the write if
+    this handler is stopped, so a committed message still gets its ack."""
+    await asyncio.wait((future,))
+
+
 async def handle_send(request: web.Request, ws: ChatSocket, frame: dict) -> None:
     settings, hub, writer = request.app[SETTINGS], request.app[HUB], request.app[WRITER]
     client_id = checked_client_id(frame)
@@ -1238,9 +1264,7 @@ async def handle_send(request: web.Request, ws: ChatSocket, frame: dict) -> None
         raise FrameError("unavailable", "not stored; retry later with the same client_id",
                          client_id) from None
     future.add_done_callback(lambda done: publish(hub, ws, client_id, content, done))
-    # Waiting keeps one frame in flight per socket; the shield keeps the
-    # write's own future (and so its ack) alive if this handler is stopped.
-    await asyncio.shield(future)
+    await wait_settled(future)
 
 
 async def handle_read(request: web.Request, ws: ChatSocket, frame: dict) -> None:
@@ -1254,7 +1278,7 @@ async def handle_read(request: web.Request, ws: ChatSocket, frame: dict) -> None
     except StorageUnavailable:
         raise FrameError("unavailable", "read receipt not stored; send it again later") from None
     future.add_done_callback(lambda done: publish_read(request.app[HUB], ws, done))
-    await asyncio.shield(future)
+    await wait_settled(future)
 
 
 def handle_typing(request: web.Request, ws: ChatSocket) -> None:
@@ -1428,7 +1452,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get(f"{BASE_PATH}/login", login_handler)
     app.router.add_post(f"{BASE_PATH}/logout", logout_handler)
     app.router.add_get(f"{BASE_PATH}/healthz", healthz_handler)
-    app.router.add_static(f"{BASE_PATH}/static/", STATIC_DIR)
+    app.router.add_get(f"{BASE_PATH}/static/{{path:.+}}", static_handler)
     app.cleanup_ctx.extend([database_context, writer_context, hub_context])
     app.on_shutdown.append(close_all_sockets)
     app.on_response_prepare.append(add_security_headers)
