@@ -87,7 +87,8 @@ async def run_load(port: int, rooms: int, messages: int, in_flight: int) -> dict
     ack_ms: list[float] = []
     delivery_ms: list[float] = []
     delivered = 0
-    async with aiohttp.ClientSession() as session:
+    # No connection cap: every WebSocket holds one (the default cap is 100).
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         trainer_sockets, member_sockets = [], []
         for n in range(1, rooms + 1):
             trainer_sockets.append(await session.ws_connect(
