@@ -25,7 +25,7 @@ import sys
 import time
 import weakref
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import datetime, timezone, tzinfo
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 from urllib.parse import quote, unquote, urlsplit

@@ -82,6 +82,62 @@ async def receive_until(ws, predicate, timeout_s: float = 5.0) -> dict:
             return frame
 
 
+MESSAGES_PATH = "/distributor/chat/rooms/{}/messages"
+ROOM_TRAINERS = {"pt_1": "t1", "pt_2": "t1", "pt_3": "t2", "pt_4": "t1"}
+
+
+async def stored_messages(client, room_id: str = "pt_1") -> list[dict]:
+    """Every stored message of a room, read over HTTP by the room's trainer."""
+    messages, after_id = [], 0
+    while True:
+        response = await client.get(MESSAGES_PATH.format(room_id),
+                                    params={"after": str(after_id), "limit": "100"},
+                                    headers=auth(ROOM_TRAINERS[room_id]))
+        assert response.status == 200, await response.text()
+        page = await response.json()
+        messages += page["messages"]
+        if not page["has_more"]:
+            return messages
+        after_id = page["messages"][-1]["id"]
+
+
+async def send_chat(ws, content: str, client_id: str, frame_type: str = "chat", **extra) -> None:
+    await ws.send_json({"type": frame_type, "content": content, "client_id": client_id, **extra})
+
+
+async def marker(ws, client_id: str, content: str = "ok") -> list[dict]:
+    """Send a good chat; every frame up to its ack. Frames the server queued for
+    this socket before the chat come first, so absent ones were never sent, and
+    the ack proves the socket is still usable."""
+    await send_chat(ws, content, client_id)
+    frames: list[dict] = []
+
+    def collect(frame: dict) -> bool:
+        frames.append(frame)
+        return frame["type"] == "ack" and frame["client_id"] == client_id
+
+    await receive_until(ws, collect)
+    return frames
+
+
+ERROR_CODES = {"invalid_message", "too_long", "empty", "forbidden", "rate_limited",
+               "room_closed", "unavailable"}
+
+
+async def ack_of(ws, client_id: str, timeout_s: float = 5.0) -> dict:
+    return await receive_until(
+        ws, lambda f: f["type"] == "ack" and f["client_id"] == client_id, timeout_s)
+
+
+async def next_error(ws, timeout_s: float = 5.0) -> dict:
+    """The next error frame, checked to have the SPEC's shape and codes."""
+    frame = await receive_until(ws, lambda f: f["type"] == "error", timeout_s)
+    assert {"code", "message", "client_id"} <= frame.keys(), frame
+    assert frame["code"] in ERROR_CODES, frame
+    assert isinstance(frame["message"], str) and frame["message"], frame
+    return frame
+
+
 async def open_room(client, room_id: str, user_id: str, *, after: int | None = None,
                     token: str | None = None):
     """A socket past welcome and history: (ws, welcome, history)."""

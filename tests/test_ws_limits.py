@@ -12,64 +12,18 @@ import jwt
 import pytest
 from aiohttp import WSMsgType
 
-from conftest import auth, make_token, open_room, receive_until, run_cli
+from conftest import (
+    ack_of, auth, make_token, marker, next_error, open_room, receive_until,
+    run_cli, send_chat, stored_messages,
+)
 
 WS_PATH = "/distributor/ws/chat/{}"
-MESSAGES_PATH = "/distributor/chat/rooms/{}/messages"
-ROOM_TRAINERS = {"pt_1": "t1", "pt_2": "t1", "pt_3": "t2"}
 FRAME_LIMIT_BYTES = 64 * 1024
 DEFAULT_RATE = 5
 DEFAULT_BURST = 20
-ERROR_CODES = {"invalid_message", "too_long", "empty", "forbidden", "rate_limited",
-               "room_closed", "unavailable"}
 
 
 # ------------------------------------------------------------ helpers ---
-
-
-async def stored(client, room_id: str = "pt_1") -> list[dict]:
-    """Every stored message of a room, read over HTTP by the room's trainer."""
-    messages, after_id = [], 0
-    while True:
-        response = await client.get(MESSAGES_PATH.format(room_id),
-                                    params={"after": str(after_id), "limit": "100"},
-                                    headers=auth(ROOM_TRAINERS[room_id]))
-        assert response.status == 200, await response.text()
-        page = await response.json()
-        messages += page["messages"]
-        if not page["has_more"]:
-            return messages
-        after_id = page["messages"][-1]["id"]
-
-
-async def send_chat(ws, content: str, client_id: str, frame_type: str = "chat") -> None:
-    await ws.send_json({"type": frame_type, "content": content, "client_id": client_id})
-
-
-async def ack_of(ws, client_id: str, timeout_s: float = 5.0) -> dict:
-    return await receive_until(
-        ws, lambda f: f["type"] == "ack" and f["client_id"] == client_id, timeout_s)
-
-
-async def next_error(ws, timeout_s: float = 5.0) -> dict:
-    frame = await receive_until(ws, lambda f: f["type"] == "error", timeout_s)
-    assert {"code", "message", "client_id"} <= frame.keys(), frame
-    assert frame["code"] in ERROR_CODES, frame
-    assert isinstance(frame["message"], str) and frame["message"], frame
-    return frame
-
-
-async def marker(ws, client_id: str) -> list[dict]:
-    """Send a good chat; every frame up to its ack (proves the socket is usable)."""
-    await send_chat(ws, "ok", client_id)
-    frames: list[dict] = []
-
-    def collect(frame: dict) -> bool:
-        frames.append(frame)
-        return frame["type"] == "ack" and frame["client_id"] == client_id
-
-    await receive_until(ws, collect)
-    return frames
 
 
 async def expect_close(ws, code: int, timeout_s: float = 5.0) -> float:
@@ -157,7 +111,7 @@ async def test_bad_frame_gets_an_error_and_the_socket_stays_open(client, raw):
     await ws_m1.send_str(raw)
     assert (await next_error(ws_m1))["code"] == "invalid_message"
     await marker(ws_m1, "after")
-    assert [m["client_id"] for m in await stored(client)] == ["after"]
+    assert [m["client_id"] for m in await stored_messages(client)] == ["after"]
     trainer_frames = await marker(ws_t1, "t-marker")
     presence = [f for f in trainer_frames if f["type"] == "system"]
     assert [(f["event"], f["user_id"]) for f in presence] == [("join", "m1")]  # no fake relayed
@@ -169,7 +123,7 @@ async def test_binary_frame_gets_an_error_and_the_socket_stays_open(client):
     await ws.send_bytes(b'{"type":"chat","content":"hi","client_id":"bin"}')
     assert (await next_error(ws))["code"] == "invalid_message"
     await marker(ws, "after")
-    assert [m["client_id"] for m in await stored(client)] == ["after"]
+    assert [m["client_id"] for m in await stored_messages(client)] == ["after"]
 
 
 # --------------------------------------------------------- frame size ---
@@ -186,7 +140,7 @@ async def test_frame_over_64_kib_closes_with_1009(client):
     await ws.send_str(chat_frame_of_size(FRAME_LIMIT_BYTES + 1))
     await expect_close(ws, 1009)
     await marker(other_tab, "other-tab")
-    assert [m["client_id"] for m in await stored(client)] == ["other-tab"]
+    assert [m["client_id"] for m in await stored_messages(client)] == ["other-tab"]
 
 
 async def test_frame_of_exactly_64_kib_is_read(client):
@@ -197,7 +151,7 @@ async def test_frame_of_exactly_64_kib_is_read(client):
     error = await next_error(ws)
     assert (error["code"], error["client_id"]) == ("too_long", "big")
     await marker(ws, "after")
-    assert [m["client_id"] for m in await stored(client)] == ["after"]
+    assert [m["client_id"] for m in await stored_messages(client)] == ["after"]
 
 
 # --------------------------------------------------------- rate limit ---
@@ -209,8 +163,8 @@ async def test_rate_limit_refuses_the_excess_and_stores_none_of_it(client):
     answers, elapsed_s = await burst([(ws, client_ids)])
     acked = check_rate_limited(answers, elapsed_s, DEFAULT_RATE, DEFAULT_BURST)
     assert set(client_ids[:DEFAULT_BURST]) <= acked  # the burst goes through
-    assert {m["client_id"] for m in await stored(client)} == acked
-    assert len(await stored(client)) == len(acked)
+    assert {m["client_id"] for m in await stored_messages(client)} == acked
+    assert len(await stored_messages(client)) == len(acked)
 
     # the socket stays open and the bucket refills at the configured rate
     deadline = time.monotonic() + 2 / DEFAULT_RATE + 1
@@ -223,7 +177,7 @@ async def test_rate_limit_refuses_the_excess_and_stores_none_of_it(client):
             break
         assert frame["code"] == "rate_limited"
         await asyncio.sleep(0.05)
-    assert len(await stored(client)) == len(acked) + 1
+    assert len(await stored_messages(client)) == len(acked) + 1
 
 
 async def test_rate_limit_counts_all_sockets_of_a_user(client):
@@ -234,7 +188,7 @@ async def test_rate_limit_counts_all_sockets_of_a_user(client):
             for ws, name in ((room_1_a, "a"), (room_1_b, "b"), (room_2, "c"))]
     answers, elapsed_s = await burst(plan)
     acked = check_rate_limited(answers, elapsed_s, DEFAULT_RATE, DEFAULT_BURST)
-    stored_ids = {m["client_id"] for m in await stored(client, "pt_1") + await stored(client, "pt_2")}
+    stored_ids = {m["client_id"] for m in await stored_messages(client, "pt_1") + await stored_messages(client, "pt_2")}
     assert stored_ids == acked
 
     # another user is not held back by t1's limit
@@ -250,7 +204,7 @@ async def test_spread_frames_count_towards_the_rate_limit(client):
     answers, _ = await burst([(ws, ["spread-1"])], frame_type="spread")
     assert (answers["spread-1"]["type"], answers["spread-1"].get("code")) == ("error",
                                                                                "rate_limited")
-    assert [m for m in await stored(client, "pt_2")] == []
+    assert [m for m in await stored_messages(client, "pt_2")] == []
 
 
 async def test_rate_limit_follows_the_setting(make_client):
@@ -260,7 +214,7 @@ async def test_rate_limit_follows_the_setting(make_client):
     answers, elapsed_s = await burst([(ws, client_ids)])
     acked = check_rate_limited(answers, elapsed_s, 2, 8)
     assert set(client_ids[:8]) <= acked
-    assert len(await stored(client)) == len(acked)
+    assert len(await stored_messages(client)) == len(acked)
 
 
 async def test_rate_limit_zero_switches_it_off(make_client):
@@ -269,7 +223,7 @@ async def test_rate_limit_zero_switches_it_off(make_client):
     client_ids = [f"c{number:02}" for number in range(60)]
     answers, _ = await burst([(ws, client_ids)])
     assert [answers[cid]["type"] for cid in client_ids] == ["ack"] * 60
-    assert len(await stored(client)) == 60
+    assert len(await stored_messages(client)) == 60
 
 
 # ---------------------------------------------------- sockets per user ---
@@ -336,13 +290,13 @@ async def test_locked_storage_answers_unavailable_and_a_resend_is_stored_once(cl
     finally:
         lock.execute("ROLLBACK")
         lock.close()
-    assert await stored(client) == []
+    assert await stored_messages(client) == []
     # the socket stays open; the retry with the same client_id is stored once
     await send_chat(ws, "while locked", "locked-1")
     ack = await ack_of(ws, "locked-1")
     await send_chat(ws, "while locked", "locked-1")
     assert (await ack_of(ws, "locked-1"))["id"] == ack["id"]
-    assert [(m["id"], m["client_id"]) for m in await stored(client)] == [(ack["id"], "locked-1")]
+    assert [(m["id"], m["client_id"]) for m in await stored_messages(client)] == [(ack["id"], "locked-1")]
 
 
 async def test_locked_storage_does_not_close_the_socket_on_a_read(client, settings):
@@ -366,7 +320,7 @@ async def test_locked_storage_does_not_close_the_socket_on_a_read(client, settin
     read = await receive_until(ws_m1, lambda f: f["type"] == "read")
     assert (read["user_id"], read["message_id"]) == ("m1", first_id)
     await marker(ws_m1, "locked-2")
-    assert [m["client_id"] for m in await stored(client)] == ["first", "locked-2"]
+    assert [m["client_id"] for m in await stored_messages(client)] == ["first", "locked-2"]
 
 
 # -------------------------------------------------- management changes ---
@@ -397,7 +351,7 @@ async def test_end_session_while_connected_makes_sends_room_closed(client, setti
     assert (read["user_id"], read["message_id"]) == ("m1", last_id)
     await send_chat(ws_t1, "me neither", "t1-late")
     assert (await next_error(ws_t1))["code"] == "room_closed"
-    assert len(await stored(client)) == 1 + acked_late
+    assert len(await stored_messages(client)) == 1 + acked_late
 
 
 # ----------------------------------------------------------- shutdown ---

@@ -5,26 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from conftest import auth, open_room, receive_until
+from conftest import MESSAGES_PATH, auth, marker, open_room, receive_until
 
-MESSAGES_PATH = "/distributor/chat/rooms/{}/messages"
 PRESENCE_GRACE_S = 5.0
 RECONNECT_AFTER_S = 4.0  # late in the grace period, so a shorter one shows
 SYSTEM_FIELDS = {"type", "event", "room_id", "user_id", "name", "content"}
-
-
-async def marker(ws, client_id: str) -> list[dict]:
-    """Send a good chat; every frame up to its ack. Frames the server queued for
-    this socket before the chat come first, so absent ones were never sent."""
-    await ws.send_json({"type": "chat", "content": "ok", "client_id": client_id})
-    frames: list[dict] = []
-
-    def collect(frame: dict) -> bool:
-        frames.append(frame)
-        return frame["type"] == "ack" and frame["client_id"] == client_id
-
-    await receive_until(ws, collect)
-    return frames
 
 
 def presence(frames: list[dict]) -> list[tuple[str, str]]:
