@@ -11,6 +11,14 @@
   let lastId = 0
   let socket = null
   let retryDelayMs = 1000
+  // A page opened with ?token= (no sign-in cookie yet) hands the same token to its socket.
+  const pageToken = new URLSearchParams(location.search).get('token')
+  const timeFormat = new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2-digit', timeZone: boot.tz || undefined })
+
+  function showTime (element) {
+    element.textContent = timeFormat.format(new Date(element.getAttribute('datetime')))
+  }
+  list.querySelectorAll('time').forEach(showTime)
 
   for (const item of list.querySelectorAll('[data-id]')) lastId = Math.max(lastId, Number(item.dataset.id))
   list.scrollTop = list.scrollHeight
@@ -30,6 +38,7 @@
       const part = document.createElement(cls === 'time' ? 'time' : 'span')
       part.className = cls
       part.textContent = text
+      if (cls === 'time') { part.setAttribute('datetime', text); showTime(part) }
       item.appendChild(part)
     }
     lastId = Math.max(lastId, message.id)
@@ -46,7 +55,9 @@
   function connect () {
     connection.textContent = '연결 중…'
     const scheme = location.protocol === 'https:' ? 'wss' : 'ws'
-    socket = new WebSocket(`${scheme}://${location.host}${boot.ws_path}?after=${lastId}`)
+    const query = new URLSearchParams({ after: lastId })
+    if (pageToken) query.set('token', pageToken)
+    socket = new WebSocket(`${scheme}://${location.host}${boot.ws_path}?${query}`)
     socket.onopen = () => { connection.textContent = '온라인'; retryDelayMs = 1000 }
     socket.onmessage = (event) => {
       const frame = JSON.parse(event.data)
