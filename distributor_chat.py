@@ -962,8 +962,9 @@ async def rooms_handler(request: web.Request) -> web.StreamResponse:
     if wants_json(request):
         return web.json_response({"chat_rooms": chat_rooms})
     context = {"identity": identity, "chat_rooms": chat_rooms,
-               "boot": {"user_id": identity.user_id, "role": identity.role,
-                        "name": identity.name, "rooms_path": ROOMS_PATH}}
+               "boot": {"page": "rooms", "user_id": identity.user_id, "role": identity.role,
+                        "name": identity.name, "rooms_path": ROOMS_PATH,
+                        "logout_path": f"{BASE_PATH}/logout", "chat_rooms": chat_rooms}}
     return aiohttp_jinja2.render_template("chat_rooms.html", request, context)
 
 
@@ -992,8 +993,10 @@ async def chat_page_handler(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     messages, has_more = await fetch_messages(db, room.session_id, limit=HISTORY_LATEST_COUNT)
     participants = await db.execute_fetchall(SELECT_PARTICIPANTS, {"session_id": room.session_id})
-    boot = {"room_id": room.room_id, "user_id": identity.user_id, "role": identity.role,
-            "name": identity.name, "status": room.status,
+    peer_name = next((row["name"] for row in participants if row["user_id"] != identity.user_id), "")
+    boot = {"page": "chat", "room_id": room.room_id, "user_id": identity.user_id,
+            "role": identity.role, "name": identity.name, "peer_name": peer_name,
+            "status": room.status,
             "ws_path": f"{BASE_PATH}/ws/chat/{room.room_id}",
             "messages_path": f"{ROOMS_PATH}/{room.room_id}/messages",
             "rooms_path": ROOMS_PATH, "tz": settings.tz_name,

@@ -1,101 +1,728 @@
-// Distributor Chat page: a small plain client of the WebSocket protocol.
-// (The Vue 3 app replaces this; it keeps the same boot data and protocol.)
+// Distributor Chat: the room list and the chat page, Vue 3 with no build step.
+// One IIFE; only `Vue` comes from outside. One reactive store changed by small
+// named functions; components take props and emit events. User text is only
+// ever shown through {{ }} (text), never v-html.
 (function () {
   'use strict'
+  const { createApp, reactive, computed, nextTick, onMounted, onBeforeUnmount, ref, watch } = Vue
+
+  const ACK_TIMEOUT_MS = 10000
+  const RECONNECT_MIN_MS = 1000
+  const RECONNECT_MAX_MS = 30000
+  const TYPING_SEND_INTERVAL_MS = 2000
+  const TYPING_SHOW_MS = 3000
+  const ROOMS_POLL_MS = 3000
+  const OLDER_PAGE_SIZE = 50
+  const NEAR_TOP_PX = 80
+  const NEAR_BOTTOM_PX = 120
+
   const boot = JSON.parse(document.getElementById('boot').textContent)
-  const list = document.getElementById('messages')
-  const form = document.getElementById('composer')
-  const input = document.getElementById('composer-text')
-  const connection = document.getElementById('connection')
-  const pending = new Map()  // client_id -> list item
-  let lastId = 0
-  let socket = null
-  let retryDelayMs = 1000
-  // A page opened with ?token= (no sign-in cookie yet) hands the same token to its socket.
-  const pageToken = new URLSearchParams(location.search).get('token')
-  const timeFormat = new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2-digit', timeZone: boot.tz || undefined })
 
-  function showTime (element) {
-    element.textContent = timeFormat.format(new Date(element.getAttribute('datetime')))
+  // ------------------------------------------------------------ text ---
+
+  const TEXT = {
+    ko: {
+      chats: '채팅', logout: '로그아웃', noRooms: '아직 채팅방이 없습니다.', noMessages: '아직 메시지가 없습니다.',
+      ended: '종료', back: '채팅 목록', connecting: '연결 중…', online: '온라인', offline: '오프라인 — 인터넷 연결을 확인하세요',
+      reconnecting: '{n}초 후 다시 연결', reconnectNow: '지금 연결', typing: '{name}님이 입력 중…',
+      message: '메시지', placeholder: '메시지 입력', send: '보내기', spread: '모든 회원에게 공지',
+      spreadLabel: '공지', retry: '다시 보내기', delete: '삭제', pending: '보내는 중', failed: '전송 실패',
+      unreadByPeer: '상대가 아직 읽지 않음', loadingOlder: '이전 메시지 불러오는 중…', roomEnded: '종료된 세션입니다. 메시지를 읽을 수만 있습니다.',
+      stop4401: '로그인이 만료되었습니다. 로그인 링크를 다시 열어 주세요.', stop4403: '이 채팅방에 들어갈 수 없습니다.',
+      stop4404: '채팅방이 없습니다.', joined: '{name}님이 들어왔습니다', left: '{name}님이 나갔습니다',
+      unread: '읽지 않은 메시지 {n}개', rooms: '{n}개 채팅방', peerOnline: '접속 중', you: '나',
+      errors: {
+        too_long: '메시지가 너무 깁니다.', empty: '빈 메시지는 보낼 수 없습니다.', invalid_message: '보낼 수 없는 메시지입니다.',
+        forbidden: '권한이 없습니다.', rate_limited: '너무 빨리 보내고 있습니다. 잠시 후 다시 보내세요.',
+        room_closed: '종료된 세션이라 보낼 수 없습니다.', unavailable: '서버가 저장하지 못했습니다. 다시 보내세요.',
+      },
+    },
+    en: {
+      chats: 'Chats', logout: 'Sign out', noRooms: 'No chats yet.', noMessages: 'No messages yet.',
+      ended: 'Ended', back: 'Chats', connecting: 'Connecting…', online: 'Online', offline: 'Offline — check your connection',
+      reconnecting: 'Reconnecting in {n} s', reconnectNow: 'Connect now', typing: '{name} is typing…',
+      message: 'Message', placeholder: 'Write a message', send: 'Send', spread: 'Announce to all members',
+      spreadLabel: 'Announcement', retry: 'Retry', delete: 'Delete', pending: 'Sending', failed: 'Not sent',
+      unreadByPeer: 'Not read yet', loadingOlder: 'Loading earlier messages…', roomEnded: 'This session has ended: read only.',
+      stop4401: 'Your sign-in has expired. Open your sign-in link again.', stop4403: 'You cannot enter this chat.',
+      stop4404: 'This chat does not exist.', joined: '{name} joined', left: '{name} left',
+      unread: '{n} unread', rooms: '{n} chats', peerOnline: 'online', you: 'You',
+      errors: {
+        too_long: 'The message is too long.', empty: 'An empty message cannot be sent.', invalid_message: 'This message cannot be sent.',
+        forbidden: 'Not allowed.', rate_limited: 'Sending too fast. Wait a moment and retry.',
+        room_closed: 'This session has ended; nothing can be sent.', unavailable: 'The server could not store it. Retry.',
+      },
+    },
   }
-  list.querySelectorAll('time').forEach(showTime)
+  const firstLanguage = (navigator.languages && navigator.languages[0]) || navigator.language || 'ko'
+  const lang = firstLanguage.toLowerCase().startsWith('en') ? 'en' : 'ko'
+  document.documentElement.lang = lang
 
-  for (const item of list.querySelectorAll('[data-id]')) lastId = Math.max(lastId, Number(item.dataset.id))
-  list.scrollTop = list.scrollHeight
-
-  function render (message) {
-    if (message.id && list.querySelector(`[data-id="${message.id}"]`)) return
-    let item = pending.get(message.client_id)
-    if (!item || message.user_id !== boot.user_id) {
-      item = document.createElement('li')
-      list.appendChild(item)
-    }
-    pending.delete(message.client_id)
-    item.className = `message message-${message.type}` + (message.user_id === boot.user_id ? ' mine' : '')
-    item.dataset.id = message.id
-    item.replaceChildren()
-    for (const [cls, text] of [['sender', message.sender_name], ['content', message.content], ['time', message.created_at]]) {
-      const part = document.createElement(cls === 'time' ? 'time' : 'span')
-      part.className = cls
-      part.textContent = text
-      if (cls === 'time') { part.setAttribute('datetime', text); showTime(part) }
-      item.appendChild(part)
-    }
-    lastId = Math.max(lastId, message.id)
-    list.scrollTop = list.scrollHeight
+  function t (key, params) {
+    const text = key.split('.').reduce((node, part) => node && node[part], TEXT[lang]) || key
+    return text.replace(/\{(\w+)\}/g, (_, name) => String(params && params[name] !== undefined ? params[name] : ''))
   }
 
-  function notice (text) {
-    const item = document.createElement('li')
-    item.className = 'message message-system'
-    item.textContent = text
-    list.appendChild(item)
+  const locale = lang === 'en' ? 'en-US' : 'ko-KR'
+  const zone = boot.tz || undefined
+  function formatter (options) {
+    try {
+      return new Intl.DateTimeFormat(locale, { ...options, timeZone: zone })
+    } catch (error) { // an unknown zone name: the browser's own zone
+      return new Intl.DateTimeFormat(locale, options)
+    }
+  }
+  const timeFormat = formatter({ hour: 'numeric', minute: '2-digit' })
+  const dayFormat = formatter({ year: 'numeric', month: 'long', day: 'numeric', weekday: 'long' })
+  const dayKeyFormat = formatter({ year: 'numeric', month: '2-digit', day: '2-digit' })
+  const formatTime = (iso) => timeFormat.format(new Date(iso))
+  const formatDay = (iso) => dayFormat.format(new Date(iso))
+  const dayKey = (iso) => dayKeyFormat.format(new Date(iso))
+
+  function newClientId () {
+    const bytes = crypto.getRandomValues(new Uint8Array(16)) // works outside secure contexts too
+    return Array.from(bytes, (byte) => byte.toString(16).padStart(2, '0')).join('')
+  }
+
+  // ----------------------------------------------------------- store ---
+
+  const store = reactive({
+    rooms: boot.chat_rooms || [],
+    messages: [], // stored messages, ascending by id
+    notices: [], // join/leave: { key, afterId, text }
+    outbox: [], // own messages not yet acked: { client_id, type, content, state, error }
+    participants: {}, // user_id -> { name, role, online, last_read_id }
+    status: boot.status || 'active',
+    connection: 'connecting', // connecting | online | reconnecting | offline | stopped
+    reconnectInS: 0,
+    stopReason: '',
+    hasOlder: false,
+    loadingOlder: false,
+    peerTypingUntil: 0,
+    now: Date.now(),
+  })
+
+  const outboxKey = `distributor_chat:outbox:${boot.room_id}:${boot.user_id}`
+
+  function saveOutbox () {
+    try {
+      const unsent = store.outbox.map(({ client_id, type, content }) => ({ client_id, type, content }))
+      if (unsent.length) localStorage.setItem(outboxKey, JSON.stringify(unsent))
+      else localStorage.removeItem(outboxKey)
+    } catch (error) { /* storage full or disabled: the outbox still lives in memory */ }
+  }
+
+  function loadOutbox () {
+    try {
+      const saved = JSON.parse(localStorage.getItem(outboxKey) || '[]')
+      store.outbox = saved.map((item) => ({ ...item, state: 'pending', error: '' }))
+    } catch (error) {
+      store.outbox = []
+    }
+  }
+
+  function newestId () {
+    return store.messages.length ? store.messages[store.messages.length - 1].id : 0
+  }
+
+  function addMessages (incoming) {
+    const known = new Set(store.messages.map((message) => message.id))
+    const fresh = incoming.filter((message) => !known.has(message.id))
+    if (!fresh.length) return
+    const merged = store.messages.concat(fresh)
+    merged.sort((a, b) => a.id - b.id)
+    store.messages = merged
+    const mine = new Set(fresh.filter((m) => m.user_id === boot.user_id).map((m) => m.client_id))
+    if (mine.size) dropFromOutbox((item) => mine.has(item.client_id))
+  }
+
+  function dropFromOutbox (predicate) {
+    const kept = store.outbox.filter((item) => !predicate(item))
+    if (kept.length !== store.outbox.length) {
+      store.outbox = kept
+      saveOutbox()
+    }
+  }
+
+  function outboxItem (clientId) {
+    return store.outbox.find((item) => item.client_id === clientId)
+  }
+
+  function markAcked (frame) {
+    const item = outboxItem(frame.client_id)
+    if (item && !store.messages.some((message) => message.id === frame.id)) {
+      addMessages([{ type: item.type, id: frame.id, room_id: boot.room_id, user_id: boot.user_id,
+        sender_name: boot.name, content: item.content, created_at: frame.created_at, client_id: item.client_id }])
+    }
+    dropFromOutbox((entry) => entry.client_id === frame.client_id)
+  }
+
+  function markFailed (clientId, error) {
+    const item = outboxItem(clientId)
+    if (item) {
+      item.state = 'failed'
+      item.error = error || ''
+    }
+  }
+
+  function setParticipants (list) {
+    const participants = {}
+    for (const person of list) participants[person.user_id] = { ...person }
+    store.participants = participants
+  }
+
+  function setPresence (userId, online) {
+    const person = store.participants[userId]
+    if (person) person.online = online
+  }
+
+  function setLastRead (userId, messageId) {
+    const person = store.participants[userId]
+    if (person && messageId > person.last_read_id) person.last_read_id = messageId
+  }
+
+  function addNotice (text) {
+    store.notices.push({ key: `n${store.notices.length}-${Date.now()}`, afterId: newestId(), text })
+  }
+
+  const peer = computed(() => Object.values(store.participants).find((p) => p.user_id !== boot.user_id) || null)
+
+  // --------------------------------------------------------- socket ---
+
+  const connection = { socket: null, attempts: 0, retryTimer: null, countdownTimer: null, lastReadSent: 0, lastTypingSent: 0, resumedAfterId: 0 }
+  const ackTimers = new Map()
+
+  function socketUrl () {
+    const scheme = location.protocol === 'https:' ? 'wss' : 'ws'
+    const query = new URLSearchParams()
+    connection.resumedAfterId = newestId()
+    if (connection.resumedAfterId) query.set('after', String(connection.resumedAfterId))
+    const pageToken = new URLSearchParams(location.search).get('token')
+    if (pageToken) query.set('token', pageToken) // a page opened with ?token= has no cookie yet
+    const search = query.toString()
+    return `${scheme}://${location.host}${boot.ws_path}${search ? '?' + search : ''}`
   }
 
   function connect () {
-    connection.textContent = '연결 중…'
-    const scheme = location.protocol === 'https:' ? 'wss' : 'ws'
-    const query = new URLSearchParams({ after: lastId })
-    if (pageToken) query.set('token', pageToken)
-    socket = new WebSocket(`${scheme}://${location.host}${boot.ws_path}?${query}`)
-    socket.onopen = () => { connection.textContent = '온라인'; retryDelayMs = 1000 }
+    clearTimeout(connection.retryTimer)
+    clearInterval(connection.countdownTimer)
+    if (store.connection === 'stopped') return
+    if (connection.socket && connection.socket.readyState <= WebSocket.OPEN) return
+    if (navigator.onLine === false) {
+      store.connection = 'offline'
+      return
+    }
+    store.connection = 'connecting'
+    const socket = new WebSocket(socketUrl())
+    connection.socket = socket
     socket.onmessage = (event) => {
-      const frame = JSON.parse(event.data)
-      if (frame.type === 'history') frame.messages.forEach(render)
-      else if (frame.type === 'chat' || frame.type === 'spread') render(frame)
-      else if (frame.type === 'system') notice(frame.content)
-      else if (frame.type === 'error') notice(`⚠ ${frame.message}`)
+      let frame
+      try { frame = JSON.parse(event.data) } catch (error) { return }
+      handleFrame(frame)
     }
     socket.onclose = (event) => {
+      if (connection.socket !== socket) return
+      connection.socket = null
       if (event.code >= 4400 && event.code < 4500) {
-        connection.textContent = `연결 끊김: ${event.reason || event.code}`
+        store.connection = 'stopped'
+        store.stopReason = TEXT[lang]['stop' + event.code] || event.reason || String(event.code)
         return
       }
-      const delay = Math.min(30000, retryDelayMs) * (0.5 + Math.random() / 2)
-      retryDelayMs *= 2
-      connection.textContent = `${Math.round(delay / 1000)}초 후 다시 연결`
-      setTimeout(connect, delay)
+      scheduleReconnect()
     }
   }
 
-  form.addEventListener('submit', (event) => {
-    event.preventDefault()
-    const content = input.value.trim()
-    if (!content || !socket || socket.readyState !== WebSocket.OPEN) return
-    const clientId = crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) + Math.random()
-    const item = document.createElement('li')
-    item.className = 'message mine pending'
-    item.textContent = content
-    list.appendChild(item)
-    pending.set(clientId, item)
-    socket.send(JSON.stringify({ type: 'chat', content, client_id: clientId }))
-    input.value = ''
-  })
-  input.addEventListener('keydown', (event) => {
-    if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
-      event.preventDefault()
-      form.requestSubmit()
+  function scheduleReconnect () {
+    if (navigator.onLine === false) {
+      store.connection = 'offline'
+      return
     }
-  })
-  connect()
+    // Exponential backoff with jitter: 1 s, 2 s, 4 s … 30 s, each 50–100 %.
+    const ceiling = Math.min(RECONNECT_MAX_MS, RECONNECT_MIN_MS * 2 ** connection.attempts)
+    const delay = Math.max(RECONNECT_MIN_MS, ceiling * (0.5 + Math.random() / 2))
+    connection.attempts += 1
+    const due = Date.now() + delay
+    store.connection = 'reconnecting'
+    store.reconnectInS = Math.ceil(delay / 1000)
+    connection.countdownTimer = setInterval(() => {
+      store.reconnectInS = Math.max(0, Math.ceil((due - Date.now()) / 1000))
+    }, 250)
+    connection.retryTimer = setTimeout(connect, delay)
+  }
+
+  function sendFrame (frame) {
+    const socket = connection.socket
+    if (!socket || socket.readyState !== WebSocket.OPEN || store.connection !== 'online') return false
+    socket.send(JSON.stringify(frame))
+    return true
+  }
+
+  function transmit (item) {
+    item.state = 'pending'
+    item.error = ''
+    sendFrame({ type: item.type, content: item.content, client_id: item.client_id })
+    clearTimeout(ackTimers.get(item.client_id))
+    ackTimers.set(item.client_id, setTimeout(() => {
+      if (outboxItem(item.client_id) && item.state === 'pending') markFailed(item.client_id)
+    }, ACK_TIMEOUT_MS))
+  }
+
+  function handleFrame (frame) {
+    switch (frame.type) {
+      case 'welcome':
+        connection.attempts = 0
+        store.connection = 'online'
+        store.status = frame.status || store.status
+        setParticipants(frame.participants)
+        break
+      case 'history':
+        // has_more looks back on a first connect, forward on a resume (over 500 missed).
+        if (!connection.resumedAfterId) store.hasOlder = frame.has_more
+        addMessages(frame.messages)
+        if (connection.resumedAfterId && frame.has_more) fetchNewer()
+        for (const item of store.outbox) if (item.state === 'pending') transmit(item)
+        markRead()
+        break
+      case 'chat':
+      case 'spread':
+        addMessages([frame])
+        if (frame.user_id !== boot.user_id) {
+          store.peerTypingUntil = 0
+          markRead()
+        }
+        break
+      case 'ack':
+        clearTimeout(ackTimers.get(frame.client_id))
+        markAcked(frame)
+        break
+      case 'error':
+        if (frame.client_id && outboxItem(frame.client_id)) {
+          clearTimeout(ackTimers.get(frame.client_id))
+          markFailed(frame.client_id, t('errors.' + frame.code))
+        }
+        if (frame.code === 'room_closed') store.status = 'ended'
+        break
+      case 'system':
+        setPresence(frame.user_id, frame.event === 'join')
+        addNotice(t(frame.event === 'join' ? 'joined' : 'left', { name: frame.name }))
+        break
+      case 'read':
+        setLastRead(frame.user_id, frame.message_id)
+        break
+      case 'typing':
+        if (frame.user_id !== boot.user_id) store.peerTypingUntil = Date.now() + TYPING_SHOW_MS
+        break
+    }
+  }
+
+  function markRead () {
+    if (document.visibilityState !== 'visible') return
+    const fromOthers = store.messages.filter((message) => message.user_id !== boot.user_id)
+    const newest = fromOthers.length ? fromOthers[fromOthers.length - 1].id : 0
+    if (newest > connection.lastReadSent && sendFrame({ type: 'read', message_id: newest })) {
+      connection.lastReadSent = newest
+    }
+  }
+
+  function sendTyping () {
+    const now = Date.now()
+    if (now - connection.lastTypingSent < TYPING_SEND_INTERVAL_MS) return
+    if (sendFrame({ type: 'typing' })) connection.lastTypingSent = now
+  }
+
+  function queueMessage (content, type) {
+    const item = reactive({ client_id: newClientId(), type, content, state: 'pending', error: '' })
+    store.outbox.push(item)
+    saveOutbox()
+    transmit(item)
+  }
+
+  function retryMessage (clientId) {
+    const item = outboxItem(clientId)
+    if (item) transmit(item)
+  }
+
+  function deleteMessage (clientId) {
+    clearTimeout(ackTimers.get(clientId))
+    dropFromOutbox((item) => item.client_id === clientId)
+  }
+
+  async function fetchPage (params) {
+    const query = new URLSearchParams({ ...params, limit: String(OLDER_PAGE_SIZE) })
+    const response = await fetch(`${boot.messages_path}?${query}`, { headers: { Accept: 'application/json' }, credentials: 'same-origin' })
+    if (!response.ok) throw new Error(`HTTP ${response.status}`)
+    return response.json()
+  }
+
+  async function fetchOlder () {
+    if (store.loadingOlder || !store.hasOlder || !store.messages.length) return
+    store.loadingOlder = true
+    try {
+      const page = await fetchPage({ before: String(store.messages[0].id) })
+      store.hasOlder = page.has_more
+      addMessages(page.messages)
+    } catch (error) { /* try again on the next scroll */ } finally {
+      store.loadingOlder = false
+    }
+  }
+
+  async function fetchNewer () {
+    // A resume gives at most 500 messages: the rest come page by page.
+    for (let pages = 0; pages < 100; pages++) {
+      const page = await fetchPage({ after: String(newestId()) }).catch(() => null)
+      if (!page) return
+      addMessages(page.messages)
+      if (!page.has_more) return
+    }
+  }
+
+  // ------------------------------------------------------ components ---
+
+  const ConnectionStatus = {
+    props: { state: String, seconds: Number, reason: String },
+    emits: ['reconnect'],
+    setup () { return { t } },
+    template: `
+      <div class="connection" :class="'connection-' + state" role="status" aria-live="polite">
+        <span class="connection-dot" aria-hidden="true"></span>
+        <span v-if="state === 'connecting'">{{ t('connecting') }}</span>
+        <span v-else-if="state === 'online'">{{ t('online') }}</span>
+        <span v-else-if="state === 'offline'">{{ t('offline') }}</span>
+        <span v-else-if="state === 'stopped'">{{ reason }}</span>
+        <template v-else>
+          <span>{{ t('reconnecting', { n: seconds }) }}</span>
+          <button type="button" class="link-button" @click="$emit('reconnect')">{{ t('reconnectNow') }}</button>
+        </template>
+      </div>`,
+  }
+
+  const ChatHeader = {
+    props: { peer: Object, state: String, seconds: Number, reason: String },
+    emits: ['reconnect'],
+    components: { ConnectionStatus },
+    setup () { return { t, boot } },
+    template: `
+      <header class="topbar">
+        <a class="topbar-back" :href="boot.rooms_path" :aria-label="t('back')">
+          <svg viewBox="0 0 24 24" width="24" height="24" aria-hidden="true"><path d="M15 5l-7 7 7 7" fill="none" stroke="currentColor" stroke-width="2.2" stroke-linecap="round" stroke-linejoin="round"/></svg>
+        </a>
+        <div class="topbar-main">
+          <h1 class="topbar-title">{{ peer ? peer.name : boot.peer_name }}</h1>
+          <span v-if="peer && peer.online" class="peer-online">{{ t('peerOnline') }}</span>
+        </div>
+        <ConnectionStatus :state="state" :seconds="seconds" :reason="reason" @reconnect="$emit('reconnect')" />
+      </header>`,
+  }
+
+  const MessageBubble = {
+    props: { message: Object, mine: Boolean, unreadByPeer: Boolean, showSender: Boolean },
+    setup () { return { t, formatTime } },
+    template: `
+      <li class="message-row" :class="{ 'is-mine': mine, 'is-spread': message.type === 'spread' }" :data-id="message.id">
+        <div v-if="message.type === 'spread'" class="announcement">
+          <div class="announcement-head"><span aria-hidden="true">📢</span> {{ t('spreadLabel') }} · {{ message.sender_name }}</div>
+          <p class="bubble-text">{{ message.content }}</p>
+          <div class="announcement-foot">
+            <span v-if="mine && unreadByPeer" class="unread-mark" :title="t('unreadByPeer')">1</span>
+            <time class="message-time" :datetime="message.created_at">{{ formatTime(message.created_at) }}</time>
+          </div>
+        </div>
+        <template v-else>
+          <div v-if="!mine && showSender" class="avatar" aria-hidden="true">{{ message.sender_name.slice(0, 1) }}</div>
+          <div class="message-body" :class="{ 'no-avatar': !mine && !showSender }">
+            <div v-if="!mine && showSender" class="message-sender">{{ message.sender_name }}</div>
+            <div class="message-line">
+              <p class="bubble"><span class="bubble-text">{{ message.content }}</span></p>
+              <div class="message-meta">
+                <span v-if="mine && unreadByPeer" class="unread-mark" :title="t('unreadByPeer')">1</span>
+                <time class="message-time" :datetime="message.created_at">{{ formatTime(message.created_at) }}</time>
+              </div>
+            </div>
+          </div>
+        </template>
+      </li>`,
+  }
+
+  const PendingBubble = {
+    props: { item: Object },
+    emits: ['retry', 'delete'],
+    setup () { return { t } },
+    template: `
+      <li class="message-row is-mine is-unsent" :class="'is-' + item.state" :data-client-id="item.client_id">
+        <div class="message-body">
+          <div class="message-line">
+            <p class="bubble" :class="{ 'bubble-spread': item.type === 'spread' }"><span class="bubble-text">{{ item.content }}</span></p>
+            <div class="message-meta">
+              <span v-if="item.state === 'pending'" class="pending-mark" :aria-label="t('pending')">
+                <span class="spinner" aria-hidden="true"></span>
+              </span>
+            </div>
+          </div>
+          <div v-if="item.state === 'failed'" class="failed-actions" role="alert">
+            <span class="failed-text">{{ item.error || t('failed') }}</span>
+            <button type="button" class="chip-button" @click="$emit('retry', item.client_id)">{{ t('retry') }}</button>
+            <button type="button" class="chip-button chip-danger" @click="$emit('delete', item.client_id)">{{ t('delete') }}</button>
+          </div>
+        </div>
+      </li>`,
+  }
+
+  const MessageList = {
+    props: { messages: Array, notices: Array, outbox: Array, peerLastReadId: Number, hasOlder: Boolean, loadingOlder: Boolean },
+    emits: ['older', 'retry', 'delete'],
+    components: { MessageBubble, PendingBubble },
+    setup (props, { emit }) {
+      const scroller = ref(null)
+      const timeline = computed(() => {
+        const items = []
+        const noticesAfter = new Map()
+        for (const notice of props.notices) {
+          if (!noticesAfter.has(notice.afterId)) noticesAfter.set(notice.afterId, [])
+          noticesAfter.get(notice.afterId).push(notice)
+        }
+        const placeNotices = (afterId) => {
+          for (const notice of noticesAfter.get(afterId) || []) items.push({ kind: 'notice', key: notice.key, text: notice.text })
+          noticesAfter.delete(afterId)
+        }
+        let previous = null
+        placeNotices(0)
+        for (const message of props.messages) {
+          const day = dayKey(message.created_at)
+          if (!previous || dayKey(previous.created_at) !== day) {
+            items.push({ kind: 'day', key: 'day-' + day, text: formatDay(message.created_at) })
+          }
+          const showSender = !previous || previous.user_id !== message.user_id || previous.type === 'spread' ||
+            dayKey(previous.created_at) !== day
+          items.push({ kind: 'message', key: 'm' + message.id, message, showSender })
+          previous = message
+          placeNotices(message.id)
+        }
+        for (const [, rest] of noticesAfter) for (const notice of rest) items.push({ kind: 'notice', key: notice.key, text: notice.text })
+        return items
+      })
+      let stickToBottom = true
+      function onScroll () {
+        const element = scroller.value
+        stickToBottom = element.scrollHeight - element.scrollTop - element.clientHeight < NEAR_BOTTOM_PX
+        if (element.scrollTop < NEAR_TOP_PX && props.hasOlder && !props.loadingOlder) emit('older')
+      }
+      let lastFirstId = 0
+      let heightBefore = 0
+      watch(() => [props.messages.length, props.outbox.length, props.notices.length], () => {
+        const element = scroller.value
+        if (!element) return
+        const firstId = props.messages.length ? props.messages[0].id : 0
+        const prepended = lastFirstId && firstId < lastFirstId
+        heightBefore = element.scrollHeight
+        const topBefore = element.scrollTop
+        nextTick(() => {
+          if (prepended) element.scrollTop = topBefore + (element.scrollHeight - heightBefore)
+          else if (stickToBottom) element.scrollTop = element.scrollHeight
+        })
+        lastFirstId = firstId
+      }, { flush: 'pre' })
+      function scrollToBottom () {
+        stickToBottom = true
+        nextTick(() => { if (scroller.value) scroller.value.scrollTop = scroller.value.scrollHeight })
+      }
+      onMounted(scrollToBottom)
+      return { scroller, timeline, onScroll, scrollToBottom, t, boot }
+    },
+    template: `
+      <div class="timeline-scroller" ref="scroller" @scroll.passive="onScroll">
+        <p v-if="loadingOlder" class="timeline-loading">{{ t('loadingOlder') }}</p>
+        <ol class="timeline" aria-live="polite">
+          <template v-for="item in timeline" :key="item.key">
+            <li v-if="item.kind === 'day'" class="day-separator"><span>{{ item.text }}</span></li>
+            <li v-else-if="item.kind === 'notice'" class="system-notice"><span>{{ item.text }}</span></li>
+            <MessageBubble v-else :message="item.message" :mine="item.message.user_id === boot.user_id"
+              :show-sender="item.showSender" :unread-by-peer="item.message.id > peerLastReadId" />
+          </template>
+          <PendingBubble v-for="item in outbox" :key="'p' + item.client_id" :item="item"
+            @retry="$emit('retry', $event)" @delete="$emit('delete', $event)" />
+        </ol>
+        <p v-if="!messages.length && !outbox.length" class="timeline-empty">{{ t('noMessages') }}</p>
+      </div>`,
+  }
+
+  const TypingIndicator = {
+    props: { name: String },
+    setup () { return { t } },
+    template: `<div class="typing" aria-live="polite"><span class="typing-dots" aria-hidden="true"><i></i><i></i><i></i></span>{{ t('typing', { name }) }}</div>`,
+  }
+
+  const Composer = {
+    props: { disabled: Boolean, canSpread: Boolean, maxChars: Number },
+    emits: ['send', 'typing'],
+    setup (props, { emit, expose }) {
+      const text = ref('')
+      const asSpread = ref(false)
+      const field = ref(null)
+      function resize () {
+        const element = field.value
+        if (!element) return
+        element.style.height = 'auto'
+        element.style.height = Math.min(element.scrollHeight, 160) + 'px'
+      }
+      function submit () {
+        const content = text.value.trim()
+        if (!content || props.disabled) return
+        emit('send', { content, type: asSpread.value ? 'spread' : 'chat' })
+        text.value = ''
+        asSpread.value = false
+        nextTick(resize)
+      }
+      function onKeydown (event) {
+        // Enter during IME composition (Korean, Japanese …) picks a syllable: never send then.
+        if (event.key !== 'Enter' || event.isComposing || event.keyCode === 229) return
+        if (event.shiftKey) return
+        event.preventDefault()
+        submit()
+      }
+      function onInput () {
+        resize()
+        if (text.value.trim()) emit('typing')
+      }
+      expose({ focus: () => field.value && field.value.focus() })
+      return { text, asSpread, field, submit, onKeydown, onInput, t }
+    },
+    template: `
+      <form class="composer" @submit.prevent="submit">
+        <label v-if="canSpread" class="spread-toggle" :class="{ 'is-on': asSpread }">
+          <input type="checkbox" v-model="asSpread" :disabled="disabled">
+          <span aria-hidden="true">📢</span><span class="spread-toggle-text">{{ t('spread') }}</span>
+        </label>
+        <div class="composer-row">
+          <label for="composer-text" class="visually-hidden">{{ t('message') }}</label>
+          <textarea id="composer-text" ref="field" v-model="text" rows="1" :maxlength="maxChars"
+            :placeholder="t('placeholder')" :disabled="disabled" @keydown="onKeydown" @input="onInput"></textarea>
+          <button type="submit" class="send-button" :disabled="disabled || !text.trim()" :aria-label="t('send')">
+            <svg viewBox="0 0 24 24" width="22" height="22" aria-hidden="true"><path d="M3 11.5L20.5 4 14 21l-3-7.5L3 11.5z" fill="currentColor"/></svg>
+          </button>
+        </div>
+      </form>`,
+  }
+
+  const ChatApp = {
+    components: { ChatHeader, MessageList, TypingIndicator, Composer },
+    setup () {
+      const peerLastReadId = computed(() => (peer.value ? peer.value.last_read_id : 0))
+      const peerTyping = computed(() => peer.value && store.peerTypingUntil > store.now)
+      let clock = null
+      function onVisible () { if (document.visibilityState === 'visible') markRead() }
+      function onOnline () { if (store.connection !== 'online') connect() }
+      function onOffline () {
+        if (store.connection === 'reconnecting') {
+          clearTimeout(connection.retryTimer)
+          clearInterval(connection.countdownTimer)
+          store.connection = 'offline'
+        }
+      }
+      onMounted(() => {
+        loadOutbox()
+        connect()
+        clock = setInterval(() => { store.now = Date.now() }, 1000)
+        document.addEventListener('visibilitychange', onVisible)
+        window.addEventListener('online', onOnline)
+        window.addEventListener('offline', onOffline)
+      })
+      onBeforeUnmount(() => {
+        clearInterval(clock)
+        document.removeEventListener('visibilitychange', onVisible)
+        window.removeEventListener('online', onOnline)
+        window.removeEventListener('offline', onOffline)
+      })
+      function onSend ({ content, type }) {
+        queueMessage(content, type)
+      }
+      function reconnectNow () {
+        connection.attempts = 0
+        connect()
+      }
+      return { store, boot, peer, peerLastReadId, peerTyping, onSend, sendTyping, retryMessage, deleteMessage, fetchOlder, reconnectNow, t }
+    },
+    template: `
+      <div class="chat-page">
+        <ChatHeader :peer="peer" :state="store.connection" :seconds="store.reconnectInS" :reason="store.stopReason"
+          @reconnect="reconnectNow" />
+        <MessageList :messages="store.messages" :notices="store.notices" :outbox="store.outbox"
+          :peer-last-read-id="peerLastReadId" :has-older="store.hasOlder" :loading-older="store.loadingOlder"
+          @older="fetchOlder" @retry="retryMessage" @delete="deleteMessage" />
+        <TypingIndicator v-if="peerTyping" :name="peer.name" />
+        <p v-if="store.status === 'ended'" class="room-ended-note">{{ t('roomEnded') }}</p>
+        <Composer v-else :disabled="store.connection === 'stopped'" :can-spread="boot.role === 'trainer'"
+          :max-chars="boot.max_message_chars" @send="onSend" @typing="sendTyping" />
+      </div>`,
+  }
+
+  // ------------------------------------------------------- room list ---
+
+  const RoomItem = {
+    props: { room: Object },
+    setup () { return { t, boot } },
+    computed: {
+      title () { return boot.role === 'trainer' ? this.room.member_name : this.room.trainer_name },
+    },
+    template: `
+      <li class="room-item" :class="{ 'is-ended': room.status === 'ended', 'has-unread': room.unread_count > 0 }" :data-room-id="room.id">
+        <a class="room-link" :href="'/distributor/chat?room_id=' + encodeURIComponent(room.id)">
+          <span class="avatar avatar-large" aria-hidden="true">{{ title.slice(0, 1) }}</span>
+          <span class="room-main">
+            <span class="room-name">{{ title }} <span v-if="room.status === 'ended'" class="room-ended">{{ t('ended') }}</span></span>
+            <span class="room-last">{{ room.last_message === null ? t('noMessages') : room.last_message }}</span>
+          </span>
+          <span class="room-side">
+            <span class="room-time">{{ room.last_activity }}</span>
+            <span v-if="room.unread_count > 0" class="badge" :aria-label="t('unread', { n: room.unread_count })">{{ room.unread_count > 999 ? '999+' : room.unread_count }}</span>
+          </span>
+        </a>
+      </li>`,
+  }
+
+  const RoomsApp = {
+    components: { RoomItem },
+    setup () {
+      let timer = null
+      async function refresh () {
+        try {
+          const response = await fetch(`${boot.rooms_path}?format=json`, { headers: { Accept: 'application/json' }, credentials: 'same-origin' })
+          if (response.status === 401) {
+            location.reload()
+            return
+          }
+          if (response.ok) store.rooms = (await response.json()).chat_rooms
+        } catch (error) { /* offline: keep what is shown, try again on the next tick */ }
+      }
+      // Polling, not a socket: the room list is one indexed query, a gym has a
+      // handful of rooms per person, and the protocol has no user-level socket.
+      function onVisible () { if (document.visibilityState === 'visible') refresh() }
+      onMounted(() => {
+        timer = setInterval(() => { if (document.visibilityState === 'visible') refresh() }, ROOMS_POLL_MS)
+        document.addEventListener('visibilitychange', onVisible)
+        window.addEventListener('online', refresh)
+      })
+      onBeforeUnmount(() => {
+        clearInterval(timer)
+        document.removeEventListener('visibilitychange', onVisible)
+        window.removeEventListener('online', refresh)
+      })
+      return { store, boot, t }
+    },
+    template: `
+      <div class="rooms-page">
+        <header class="topbar">
+          <div class="topbar-main"><h1 class="topbar-title">{{ t('chats') }}</h1></div>
+          <span class="topbar-side">{{ boot.name }}</span>
+          <form method="post" :action="boot.logout_path"><button type="submit" class="chip-button">{{ t('logout') }}</button></form>
+        </header>
+        <main>
+          <ul v-if="store.rooms.length" class="room-list" :aria-label="t('rooms', { n: store.rooms.length })">
+            <RoomItem v-for="room in store.rooms" :key="room.id" :room="room" />
+          </ul>
+          <p v-else class="rooms-empty">{{ t('noRooms') }}</p>
+        </main>
+      </div>`,
+  }
+
+  createApp(boot.page === 'chat' ? ChatApp : RoomsApp).mount('#app')
 })()
