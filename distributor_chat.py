@@ -66,7 +66,7 @@ HISTORY_RESUME_MAX = 500
 
 PING_INTERVAL_S = 20.0
 SLOW_PEER_TIMEOUT_S = 10.0
-OUTBOX_MAX_BYTES = 1024 * 1024
+OUTBOX_MAX_CHARS = 1024 * 1024
 CLOSE_HANDSHAKE_TIMEOUT_S = 2.0
 SHUTDOWN_FLUSH_TIMEOUT_S = 1.0
 SHUTDOWN_SOCKETS_TIMEOUT_S = 2.5
@@ -240,7 +240,9 @@ SELECT_MESSAGES_AFTER = _MESSAGE_COLUMNS + """
 INSERT_CHAT_MESSAGE = """
     INSERT INTO messages (session_id, user_id, type, content, client_id, created_at)
     SELECT :session_id, :user_id, 'chat', :content, :client_id, :created_at
-     WHERE EXISTS (SELECT 1 FROM pt_sessions WHERE id = :session_id AND status = 'active')
+     WHERE EXISTS (SELECT 1 FROM pt_sessions
+                    WHERE id = :session_id AND status = 'active'
+                      AND :user_id IN (trainer_id, member_id))
     ON CONFLICT (session_id, user_id, client_id) DO NOTHING
     RETURNING id
 """
@@ -248,7 +250,10 @@ SELECT_MESSAGE_BY_CLIENT_ID = """
     SELECT id, created_at FROM messages
      WHERE session_id = :session_id AND user_id = :user_id AND client_id = :client_id
 """
-SELECT_ROOM_STATUS = "SELECT status FROM pt_sessions WHERE id = :session_id"
+SELECT_ROOM_STATUS = """
+    SELECT status, :user_id IN (trainer_id, member_id) AS is_participant
+      FROM pt_sessions WHERE id = :session_id
+"""
 INSERT_SPREAD_MESSAGES = """
     INSERT INTO messages (session_id, user_id, type, content, client_id, created_at)
     SELECT id, :user_id, 'spread', :content, :client_id, :created_at
@@ -288,6 +293,10 @@ class RoomClosed(Exception):
     """The room's session has ended: it accepts reads only."""
 
 
+class NotParticipant(Exception):
+    """A management change moved the sender out of the room a moment ago."""
+
+
 @dataclass(slots=True)
 class StoredMessage:
     message_id: int
@@ -311,7 +320,17 @@ async def store_chat(db: aiosqlite.Connection, params: dict) -> StoredMessage:
     earlier = await db.execute_fetchall(SELECT_MESSAGE_BY_CLIENT_ID, params)
     if earlier:
         return StoredMessage(earlier[0][0], earlier[0][1], is_duplicate=True)
-    raise RoomClosed()
+    raise await _refusal(db, params) or RoomClosed()
+
+
+async def _refusal(db: aiosqlite.Connection, params: dict) -> Exception | None:
+    """Why the sender's room takes no message now, or None when it does."""
+    rows = await db.execute_fetchall(SELECT_ROOM_STATUS, params)
+    if not rows or not rows[0][1]:
+        return NotParticipant()
+    if rows[0][0] != "active":
+        return RoomClosed()
+    return None
 
 
 async def store_spread(db: aiosqlite.Connection, params: dict) -> StoredSpread:
@@ -319,9 +338,10 @@ async def store_spread(db: aiosqlite.Connection, params: dict) -> StoredSpread:
     if earlier:
         room_count = (await db.execute_fetchall(COUNT_SPREAD_ROOMS, params))[0][0]
         return StoredSpread(earlier[0][0], earlier[0][1], room_count, is_duplicate=True)
-    status = await db.execute_fetchall(SELECT_ROOM_STATUS, params)
-    if not status or status[0][0] != "active":
-        raise RoomClosed()
+    refusal = await _refusal(db, params)
+    if refusal is not None:
+        raise refusal
+    # The sender's room is active and theirs, so the insert below includes it.
     rows = await db.execute_fetchall(INSERT_SPREAD_MESSAGES, params)
     message_ids_by_session = {session_id: message_id for message_id, session_id in rows}
     return StoredSpread(
@@ -435,7 +455,7 @@ async def _apply_alone(db: aiosqlite.Connection, write: Write) -> tuple[bool, An
     """
     try:
         return True, await write.apply(db, write.params)
-    except RoomClosed as error:
+    except (RoomClosed, NotParticipant) as error:
         return False, error
     except sqlite3.IntegrityError as error:
         log.warning("write refused error=%s", error)
@@ -620,7 +640,7 @@ class ChatSocket(web.WebSocketResponse):
         self.identity: Identity | None = None
         self.room: Room | None = None
         self.outbox: collections.deque[str] = collections.deque()
-        self.outbox_bytes = 0
+        self.outbox_chars = 0
         self.outbox_ready = asyncio.Event()
         self.outbox_empty = asyncio.Event()
         self.outbox_empty.set()
@@ -631,9 +651,11 @@ class ChatSocket(web.WebSocketResponse):
         self.handler_task = asyncio.current_task()
         self.finished = asyncio.get_running_loop().create_future()
         self.last_typing_at = 0.0
-        # Live frames wait here until welcome and history are queued; message
-        # frames the history already holds are then dropped.
+        # Live frames wait here until welcome and history are queued. A message
+        # committed while the history was read can be in both: the live copy of
+        # anything up to the history's newest id is dropped, then and later.
         self.held_frames: list[tuple[str, int | None]] | None = []
+        self.history_through_id = 0
 
     def enqueue(self, text: str, message_id: int | None = None) -> None:
         if self.closed:
@@ -641,11 +663,13 @@ class ChatSocket(web.WebSocketResponse):
         if self.held_frames is not None:
             self.held_frames.append((text, message_id))
             return
-        if self.outbox_bytes + len(text) > OUTBOX_MAX_BYTES:
+        if message_id is not None and message_id <= self.history_through_id:
+            return
+        if self.outbox_chars + len(text) > OUTBOX_MAX_CHARS:
             self.request_stop(WSCloseCode.POLICY_VIOLATION, "too slow: frames not taken")
             return
         self.outbox.append(text)
-        self.outbox_bytes += len(text)
+        self.outbox_chars += len(text)
         self.outbox_empty.clear()
         self.outbox_ready.set()
 
@@ -657,9 +681,9 @@ class ChatSocket(web.WebSocketResponse):
         held, self.held_frames = self.held_frames or [], None
         for frame in first_frames:
             self.send_later(frame)
+        self.history_through_id = newest_history_id
         for text, message_id in held:
-            if message_id is None or message_id > newest_history_id:
-                self.enqueue(text)
+            self.enqueue(text, message_id)
 
     def request_stop(self, code: int, reason: str) -> None:
         """Ask the handler to close this socket with ``code``; the first ask wins."""
@@ -678,7 +702,7 @@ class ChatSocket(web.WebSocketResponse):
                 self.outbox_ready.clear()
                 while self.outbox:
                     text = self.outbox.popleft()
-                    self.outbox_bytes -= len(text)
+                    self.outbox_chars -= len(text)
                     async with asyncio.timeout(SLOW_PEER_TIMEOUT_S):
                         await self.send_str(text)
                 self.outbox_empty.set()
@@ -743,7 +767,7 @@ class ChatHub:
             self.socket_counts_by_user[user_id] = remaining
         else:
             self.socket_counts_by_user.pop(user_id, None)
-            self.rate_buckets.pop(user_id, None)
+            # The rate bucket stays: a reconnect must not refill the burst.
         if not self.is_present(room_id, user_id) and not self.is_closing:
             self.pending_leaves[(room_id, user_id)] = asyncio.get_running_loop().call_later(
                 PRESENCE_GRACE_S, self._announce_leave, room_id, user_id, ws.identity.name)
@@ -770,7 +794,7 @@ class ChatHub:
         if self.rate_limit <= 0:
             return True
         now = time.monotonic()
-        burst = self.rate_limit * RATE_BURST_FACTOR
+        burst = max(1.0, self.rate_limit * RATE_BURST_FACTOR)  # below 0.25/s: still one
         bucket = self.rate_buckets.get(user_id)
         if bucket is None:
             bucket = self.rate_buckets[user_id] = RateBucket(burst, now)
@@ -964,7 +988,8 @@ async def rooms_handler(request: web.Request) -> web.StreamResponse:
     context = {"identity": identity, "chat_rooms": chat_rooms,
                "boot": {"page": "rooms", "user_id": identity.user_id, "role": identity.role,
                         "name": identity.name, "rooms_path": ROOMS_PATH,
-                        "logout_path": f"{BASE_PATH}/logout", "chat_rooms": chat_rooms}}
+                        "logout_path": f"{BASE_PATH}/logout", "chat_rooms": chat_rooms,
+                        "tz": request.app[SETTINGS].tz_name}}
     return aiohttp_jinja2.render_template("chat_rooms.html", request, context)
 
 
@@ -1008,15 +1033,19 @@ async def chat_page_handler(request: web.Request) -> web.Response:
 
 def safe_next_path(next_path: str | None) -> str:
     """Only a plain path under /distributor/ is followed (no open redirect)."""
-    if not next_path or any(ord(char) < 0x20 or char == "\\" for char in next_path):
+    if not next_path or any(ord(char) < 0x20 or char in "\\\x7f" for char in next_path):
         return ROOMS_PATH
-    parts = urlsplit(next_path)
+    try:
+        parts = urlsplit(next_path)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return ROOMS_PATH
     if parts.scheme or parts.netloc or not parts.path.startswith(BASE_PATH + "/"):
         return ROOMS_PATH
     # Browsers resolve %2e%2e as "..": judge the path as they will read it.
     if any(segment in (".", "..") for segment in unquote(parts.path).split("/")):
         return ROOMS_PATH
-    return next_path
+    # Location must be ASCII: percent-encode anything else (Korean paths included).
+    return quote(next_path, safe="!#$%&'()*+,/:;=?@[]~")
 
 
 async def login_handler(request: web.Request) -> web.Response:
@@ -1081,7 +1110,10 @@ def origin_allowed(request: web.Request, settings: Settings) -> bool:
     origin = origin.strip().lower().rstrip("/")
     if origin in settings.allowed_origins:
         return True
-    parts = urlsplit(origin)
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        return False
     return parts.scheme in ("http", "https") and parts.netloc == request.host.lower()
 
 
@@ -1142,7 +1174,7 @@ def parse_client_frame(text: str, ws: ChatSocket) -> dict:
     """A client frame as a dict with a known type, checked against the socket."""
     try:
         frame = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested thousands deep
         raise FrameError("invalid_message", "frames must be JSON") from None
     if not isinstance(frame, dict):
         raise FrameError("invalid_message", "a frame must be a JSON object")
@@ -1196,6 +1228,8 @@ def reply_to_write(ws: ChatSocket, client_id: str, future: asyncio.Future) -> An
     if isinstance(error, RoomClosed):
         ws.send_later(error_frame("room_closed", "this session has ended; the room is read-only",
                                   client_id))
+    elif isinstance(error, NotParticipant):
+        ws.send_later(error_frame("forbidden", "you are no longer in this room", client_id))
     elif isinstance(error, StorageUnavailable):
         ws.send_later(error_frame("unavailable", "not stored; retry later with the same client_id",
                                   client_id))
@@ -1514,7 +1548,10 @@ def _zone(text: str) -> str:
 
 def _origin(text: str) -> str:
     origin = text.strip().lower().rstrip("/")
-    parts = urlsplit(origin)
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an origin: {text!r}") from None
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
         raise argparse.ArgumentTypeError(f"an origin looks like https://gym.example: {text!r}")
     return origin
@@ -1759,8 +1796,8 @@ def cmd_import(db: sqlite3.Connection, settings: Settings, args: argparse.Namesp
         data = json.loads(Path(args.file).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as error:
         raise CommandError(f"cannot read {args.file}: {error}") from None
-    except ValueError as error:
-        raise CommandError(f"{args.file} is not valid JSON: {error}") from None
+    except (ValueError, RecursionError) as error:
+        raise CommandError(f"{args.file} is not valid JSON: {str(error)[:200]}") from None
     if not isinstance(data, dict):
         raise CommandError(f"{args.file} must hold a JSON object with users and sessions")
     users, sessions = _import_users(data), _import_sessions(data)

@@ -185,13 +185,20 @@ async def test_login_without_next_goes_to_the_room_list(client):
     "/distributor/.%2e/x", "javascript:alert(1)", "JavaScript:alert(1)//distributor/",
     "data:text/html,<script>alert(1)</script>", "/distributor", "/distributorx/chat", "/other",
     "distributor/chat", "http:/distributor/chat", "/distributor/\r\nSet-Cookie: a=b",
-    "/distributor/\tx", "",
+    "/distributor/\tx", "", "http://[::1", "//[x", "/distributor/\x7f",
 ])
 async def test_login_never_redirects_outside_distributor(client, next_path):
     response = await client.get("/distributor/login", allow_redirects=False,
                                 params={"token": make_token("m1"), "next": next_path})
     assert response.status == 303
     assert response.headers["Location"] == ROOMS
+
+
+async def test_login_follows_a_korean_next_path_percent_encoded(client):
+    response = await client.get("/distributor/login", allow_redirects=False,
+                                params={"token": make_token("m1"), "next": "/distributor/chat?q=운동"})
+    assert response.status == 303
+    assert response.headers["Location"] == "/distributor/chat?q=%EC%9A%B4%EB%8F%99"
 
 
 async def test_login_sets_an_httponly_lax_cookie_scoped_to_distributor(client):

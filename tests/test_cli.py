@@ -403,6 +403,7 @@ def test_import_adds_and_updates_in_one_go(tmp_path):
 BAD_IMPORTS = {
     "not-json": '{"users": [',
     "not-utf8": b"\xff\xfe{\x00}",
+    "nested-100000-deep": b"[" * 100000 + b"]" * 100000,
     "array": [],
     "users-not-list": {"users": {"id": "x", "name": "X", "role": "member"}},
     "user-not-object": {"users": ["m9"]},
@@ -458,6 +459,8 @@ BAD_OPTIONS = [
     ((), {"DISTRIBUTOR_LOG_LEVEL": "loud"}),
     ((), {"DISTRIBUTOR_MAX_MESSAGE_CHARS": "0"}),
     ((), {"DISTRIBUTOR_ALLOWED_ORIGIN": "https://ok.example,not-an-origin"}),
+    ((), {"DISTRIBUTOR_ALLOWED_ORIGIN": "http://[x"}),
+    (("--allowed-origin", "http://[x"), {}),
     (("token", "m1", "--port", "abc"), {}),
     (("add-user", "--role", "member", "--name", "X", "--log-level", "loud"), {}),
 ]
@@ -690,6 +693,38 @@ async def test_import_moving_a_session_closes_the_old_members_socket(server_proc
         assert await close_code_within(again, 5) == 4403
         await trainer.close()
         await new_member.close()
+
+
+async def test_sends_right_after_an_import_moves_the_room_store_nothing_there(
+        server_process, tmp_path):
+    """Between the import and the server closing the old trainer's socket, their
+    chat and spread are refused as forbidden, and other users' writes go on."""
+    server = server_process()
+    async with aiohttp.ClientSession() as http:
+        old_trainer, _ = await _open(http, server.port, "pt_1", "t1")
+        bystander, _ = await _open(http, server.port, "pt_3", "m3")
+        move = write_json(tmp_path / "move.json",
+                          {"sessions": [{"id": 1, "trainer": "t2", "member": "m1"}]})
+        result = run_cli("import", str(move), db_path=server.db_path)
+        assert result.returncode == 0, result.stderr
+        outcomes = []
+        for frame_type, client_id in (("spread", "late-spread"), ("chat", "late-chat")):
+            try:
+                await old_trainer.send_json({"type": frame_type, "content": "mine?",
+                                             "client_id": client_id})
+                answer = await _frame(old_trainer, lambda f: f.get("client_id") == client_id)
+                outcomes.append(answer.get("code", answer["type"]))
+            except (AssertionError, ConnectionError, aiohttp.ClientError):
+                # the server closed the socket (4403) first: also fine
+                outcomes.append(f"closed {old_trainer.close_code}")
+        assert all(outcome in ("forbidden", "closed 4403") for outcome in outcomes), outcomes
+        await bystander.send_json({"type": "chat", "content": "unrelated", "client_id": "b1"})
+        assert (await _frame(bystander, lambda f: f["type"] in ("ack", "error")))["type"] == "ack"
+        await bystander.close()
+    assert query(server.db_path, "SELECT count(*) FROM messages WHERE client_id LIKE 'late-%'") \
+        == [(0,)]
+    assert server.stop() == 0
+    assert "Traceback" not in server.process.stdout.read()
 
 
 # ------------------------------------------------------------ serving ---

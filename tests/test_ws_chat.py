@@ -86,7 +86,8 @@ def upgrade_headers(origin: str, user_id: str = "m1") -> dict:
             **auth(user_id)}
 
 
-@pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://127.0.0.1:1"])
+@pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://127.0.0.1:1",
+                                    "http://[evil", "http://[::1"])
 async def test_foreign_origin_is_refused_with_403_and_no_upgrade(client, origin):
     response = await client.get(WS_PATH.format("pt_1"), headers=upgrade_headers(origin))
     assert response.status == 403
@@ -600,3 +601,38 @@ async def test_typing_is_relayed_to_the_other_user_not_the_sender(client):
     frames = await marker(ws_m1, "after")
     assert [f for f in frames if f["type"] == "typing"] == []
     assert [m["client_id"] for m in await stored_messages(client)] == ["after"]
+
+
+async def test_resuming_while_another_user_sends_gets_every_message_once_in_order(make_client):
+    """A message committed while the history is read must not also arrive live."""
+    client = await make_client(rate_limit=0)
+    sender, _, _ = await open_room(client, "pt_1", "t1")
+    sending = asyncio.Event()
+    sending.set()
+
+    async def keep_sending():
+        number = 0
+        while sending.is_set() and number < 5000:
+            await send_chat(sender, f"m{number}", f"c{number}")
+            await ack_of(sender, f"c{number}")
+            number += 1
+
+    sender_task = asyncio.create_task(keep_sending())
+    received: list[int] = []
+    try:
+        for _ in range(30):
+            ws, _, history = await open_room(client, "pt_1", "m1", after=received[-1] if received else 0)
+            received += [message["id"] for message in history["messages"]]
+            live = 0
+            while live < 10:
+                frame = await ws.receive_json(timeout=5)
+                if frame["type"] == "chat":
+                    received.append(frame["id"])
+                    live += 1
+            await ws.close()
+    finally:
+        sending.clear()
+        await sender_task
+    stored_ids = [message["id"] for message in await stored_messages(client)]
+    assert received == sorted(set(received)), "a message arrived twice or out of order"
+    assert received == [i for i in stored_ids if i <= received[-1]], "a message was missed"

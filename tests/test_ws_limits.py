@@ -102,9 +102,10 @@ def cli(settings, *args: str):
     '{"type":"ack","client_id":"x","id":1}',
     '{"type":"chat","content":"hi","client_id":"x","room_id":1}',
     '{"type":"chat","content":"hi","client_id":"x","user_id":null}',
+    "[" * 5000 + "]" * 5000,
 ], ids=["text", "broken", "empty-text", "array", "array-of-chat", "string", "number", "null",
         "true", "no-type", "unknown-type", "upper-case-type", "number-type", "null-type",
-        "list-type", "system", "ack", "number-room-id", "null-user-id"])
+        "list-type", "system", "ack", "number-room-id", "null-user-id", "nested-5000-deep"])
 async def test_bad_frame_gets_an_error_and_the_socket_stays_open(client, raw):
     ws_t1, _, _ = await open_room(client, "pt_1", "t1")
     ws_m1, _, _ = await open_room(client, "pt_1", "m1")
@@ -215,6 +216,29 @@ async def test_rate_limit_follows_the_setting(make_client):
     acked = check_rate_limited(answers, elapsed_s, 2, 8)
     assert set(client_ids[:8]) <= acked
     assert len(await stored_messages(client)) == len(acked)
+
+
+async def test_reconnecting_does_not_refill_the_rate_limit(client):
+    sent: list[str] = []
+    answers: dict = {}
+    started = time.monotonic()
+    for round_number in range(3):
+        ws, _, _ = await open_room(client, "pt_1", "m1")
+        client_ids = [f"r{round_number}-{number:02}" for number in range(DEFAULT_BURST)]
+        round_answers, _ = await burst([(ws, client_ids)])
+        answers.update(round_answers)
+        sent += client_ids
+        await ws.close()
+    acked = check_rate_limited(answers, time.monotonic() - started, DEFAULT_RATE, DEFAULT_BURST)
+    assert len(acked) < len(sent)
+    assert len(await stored_messages(client)) == len(acked)
+
+
+async def test_a_rate_limit_below_a_quarter_a_second_still_lets_one_through(make_client):
+    client = await make_client(rate_limit=0.2)
+    ws, _, _ = await open_room(client, "pt_1", "m1")
+    await send_chat(ws, "slow but allowed", "one")
+    assert (await ack_of(ws, "one"))["client_id"] == "one"
 
 
 async def test_rate_limit_zero_switches_it_off(make_client):
