@@ -30,7 +30,7 @@
       unreadByPeer: '상대가 아직 읽지 않음', loadingOlder: '이전 메시지 불러오는 중…', roomEnded: '종료된 세션입니다. 메시지를 읽을 수만 있습니다.',
       stop4401: '로그인이 만료되었습니다. 로그인 링크를 다시 열어 주세요.', stop4403: '이 채팅방에 들어갈 수 없습니다.',
       stop4404: '채팅방이 없습니다.', joined: '{name}님이 들어왔습니다', left: '{name}님이 나갔습니다',
-      unread: '읽지 않은 메시지 {n}개', rooms: '{n}개 채팅방', peerOnline: '접속 중', you: '나',
+      unread: '읽지 않은 메시지 {n}개', rooms: '{n}개 채팅방', peerOnline: '접속 중', yesterday: '어제',
       errors: {
         too_long: '메시지가 너무 깁니다.', empty: '빈 메시지는 보낼 수 없습니다.', invalid_message: '보낼 수 없는 메시지입니다.',
         forbidden: '권한이 없습니다.', rate_limited: '너무 빨리 보내고 있습니다. 잠시 후 다시 보내세요.',
@@ -46,7 +46,7 @@
       unreadByPeer: 'Not read yet', loadingOlder: 'Loading earlier messages…', roomEnded: 'This session has ended: read only.',
       stop4401: 'Your sign-in has expired. Open your sign-in link again.', stop4403: 'You cannot enter this chat.',
       stop4404: 'This chat does not exist.', joined: '{name} joined', left: '{name} left',
-      unread: '{n} unread', rooms: '{n} chats', peerOnline: 'online', you: 'You',
+      unread: '{n} unread', rooms: '{n} chats', peerOnline: 'online', yesterday: 'Yesterday',
       errors: {
         too_long: 'The message is too long.', empty: 'An empty message cannot be sent.', invalid_message: 'This message cannot be sent.',
         forbidden: 'Not allowed.', rate_limited: 'Sending too fast. Wait a moment and retry.',
@@ -76,6 +76,28 @@
   const dayFormat = formatter({ year: 'numeric', month: 'long', day: 'numeric', weekday: 'long' })
   const dayKeyFormat = formatter({ year: 'numeric', month: '2-digit', day: '2-digit' })
   const formatTime = (iso) => timeFormat.format(new Date(iso))
+
+  // The room list's last_activity is "YYYY-MM-DD HH:MM" already in the gym's
+  // zone: today shows the time, yesterday a word, older days a short date.
+  const isoDayFormat = formatter({ year: 'numeric', month: '2-digit', day: '2-digit' })
+  const wallTimeFormat = new Intl.DateTimeFormat(locale, { hour: 'numeric', minute: '2-digit', timeZone: 'UTC' })
+  const shortDateFormat = new Intl.DateTimeFormat(locale, { month: 'short', day: 'numeric', timeZone: 'UTC' })
+  const longDateFormat = new Intl.DateTimeFormat(locale, { year: 'numeric', month: 'numeric', day: 'numeric', timeZone: 'UTC' })
+  function zoneDay (date) {
+    const parts = Object.fromEntries(isoDayFormat.formatToParts(date).map((part) => [part.type, part.value]))
+    return `${parts.year}-${parts.month}-${parts.day}`
+  }
+  function formatActivity (lastActivity) {
+    const match = /^(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2})$/.exec(lastActivity || '')
+    if (!match) return lastActivity || ''
+    const [, year, month, day, hour, minute] = match.map(Number)
+    const wall = new Date(Date.UTC(year, month - 1, day, hour, minute))
+    const today = zoneDay(new Date())
+    if (lastActivity.slice(0, 10) === today) return wallTimeFormat.format(wall)
+    if (lastActivity.slice(0, 10) === zoneDay(new Date(Date.now() - 86400000))) return t('yesterday')
+    if (String(year) === today.slice(0, 4)) return shortDateFormat.format(wall)
+    return longDateFormat.format(wall)
+  }
   const formatDay = (iso) => dayFormat.format(new Date(iso))
   const dayKey = (iso) => dayKeyFormat.format(new Date(iso))
 
@@ -659,7 +681,7 @@
 
   const RoomItem = {
     props: { room: Object },
-    setup () { return { t, boot } },
+    setup () { return { t, boot, formatActivity } },
     computed: {
       title () { return boot.role === 'trainer' ? this.room.member_name : this.room.trainer_name },
     },
@@ -672,7 +694,7 @@
             <span class="room-last">{{ room.last_message === null ? t('noMessages') : room.last_message }}</span>
           </span>
           <span class="room-side">
-            <span class="room-time">{{ room.last_activity }}</span>
+            <time class="room-time" :datetime="room.last_activity">{{ formatActivity(room.last_activity) }}</time>
             <span v-if="room.unread_count > 0" class="badge" :aria-label="t('unread', { n: room.unread_count })">{{ room.unread_count > 999 ? '999+' : room.unread_count }}</span>
           </span>
         </a>
