@@ -182,22 +182,28 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python distributor_chat.py`` as a real child process."""
+    """``python distributor_chat.py`` as a real child process; its output goes to a
+    log file beside the database (a pipe nobody reads would block a chatty server)."""
 
     def __init__(self, db_path: Path, port: int, *extra: str, env: dict | None = None) -> None:
         self.db_path, self.port, self.extra = db_path, port, extra
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
         self.base_url = f"http://127.0.0.1:{port}"
+        self.log_path = db_path.parent / f"server-{port}.log"
+
+    def output(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def start(self, timeout_s: float = 10.0) -> "ServerProcess":
-        self.process = subprocess.Popen(
-            [sys.executable, str(SERVER_SCRIPT), "--db", str(self.db_path), "--port", str(self.port),
-             "--secret", SECRET, "--no-demo", *self.extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
+        with open(self.log_path, "a", encoding="utf-8") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, str(SERVER_SCRIPT), "--db", str(self.db_path), "--port",
+                 str(self.port), "--secret", SECRET, "--no-demo", *self.extra],
+                stdout=log_file, stderr=subprocess.STDOUT, text=True, env=self.env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.process.stdout.read()
+            assert self.process.poll() is None, self.output()
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return self

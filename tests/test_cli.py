@@ -724,7 +724,7 @@ async def test_sends_right_after_an_import_moves_the_room_store_nothing_there(
     assert query(server.db_path, "SELECT count(*) FROM messages WHERE client_id LIKE 'late-%'") \
         == [(0,)]
     assert server.stop() == 0
-    assert "Traceback" not in server.process.stdout.read()
+    assert "Traceback" not in server.output()
 
 
 # ------------------------------------------------------------ serving ---

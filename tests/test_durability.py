@@ -271,7 +271,7 @@ async def test_shutdown_signal_closes_every_socket_1001_and_keeps_acked(server_p
         await asyncio.wait_for(asyncio.gather(*readers), timeout=5)
         await asyncio.wait_for(asyncio.gather(*senders), timeout=5)
 
-        assert return_code == 0, server.process.stdout.read()
+        assert return_code == 0, server.output()
         assert took < 5
         codes = {f"{c.user_id}@{c.room_id}": c.close_code for c in clients}
         assert set(codes.values()) == {1001}, codes
