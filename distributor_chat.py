@@ -1292,6 +1292,7 @@ async def handle_send(request: web.Request, ws: ChatSocket, frame: dict) -> None
         raise FrameError("forbidden", "only trainers can spread", client_id)
     if not hub.allows_send(ws.identity.user_id):
         raise FrameError("rate_limited", "too many messages; slow down", client_id)
+    ws.last_typing_at = 0.0  # a message ends this bout of typing: relay the next one at once
     params = {"session_id": ws.room.session_id, "user_id": ws.identity.user_id,
               "content": content, "client_id": client_id, "created_at": utc_now_iso()}
     apply, publish = (store_spread, publish_spread) if is_spread else (store_chat, publish_chat)

@@ -565,3 +565,6 @@ async def test_typing_shows_on_the_other_page(new_context, server):
     await composer(member).press("Enter")
     await expect(stored_rows(trainer, "입력 중")).to_have_count(1)
     await expect(typing).to_have_count(0)
+    # Typing again right after sending starts a new bout: it shows at once.
+    await composer(member).press_sequentially("다음")
+    await expect(typing).to_be_visible()

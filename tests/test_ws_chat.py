@@ -603,6 +603,18 @@ async def test_typing_is_relayed_to_the_other_user_not_the_sender(client):
     assert [m["client_id"] for m in await stored_messages(client)] == ["after"]
 
 
+async def test_typing_right_after_a_message_is_relayed(client):
+    """A message ends a bout of typing: the next keystroke is news, not spam."""
+    ws_t1, _, _ = await open_room(client, "pt_1", "t1")
+    ws_m1, _, _ = await open_room(client, "pt_1", "m1")
+    await ws_m1.send_json({"type": "typing"})
+    await receive_until(ws_t1, lambda f: f["type"] == "typing")
+    await marker(ws_m1, "sent")
+    await ws_m1.send_json({"type": "typing"})
+    frames = await marker(ws_t1, "trainer-marker")  # everything queued for t1 so far
+    assert [f["type"] for f in frames if f["type"] in ("typing", "chat")] == ["chat", "typing", "chat"]
+
+
 async def test_resuming_while_another_user_sends_gets_every_message_once_in_order(make_client):
     """A message committed while the history is read must not also arrive live."""
     client = await make_client(rate_limit=0)

@@ -353,6 +353,7 @@
   }
 
   function queueMessage (content, type) {
+    connection.lastTypingSent = 0 // the message ends this bout of typing; the next starts afresh
     const item = reactive({ client_id: newClientId(), type, content, state: 'pending', error: '' })
     store.outbox.push(item)
     saveOutbox()
