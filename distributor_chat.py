@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import collections
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -237,14 +238,23 @@ SELECT_MESSAGES_AFTER = _MESSAGE_COLUMNS + """
      WHERE m.session_id = :session_id AND m.id > :after_id ORDER BY m.id LIMIT :limit
 """
 
-INSERT_CHAT_MESSAGE = """
+# A whole batch of chats in one statement (one trip to the writer's thread):
+# :batch is a JSON array of {session_id, user_id, content, client_id,
+# created_at}. Rows whose room is closed or not the sender's, and resent
+# client_ids, are skipped; ids follow the array's order.
+INSERT_CHAT_MESSAGES = """
     INSERT INTO messages (session_id, user_id, type, content, client_id, created_at)
-    SELECT :session_id, :user_id, 'chat', :content, :client_id, :created_at
-     WHERE EXISTS (SELECT 1 FROM pt_sessions
-                    WHERE id = :session_id AND status = 'active'
-                      AND :user_id IN (trainer_id, member_id))
+    SELECT json_extract(chat.value, '$.session_id'), json_extract(chat.value, '$.user_id'), 'chat',
+           json_extract(chat.value, '$.content'), json_extract(chat.value, '$.client_id'),
+           json_extract(chat.value, '$.created_at')
+      FROM json_each(:batch) AS chat
+     WHERE EXISTS (SELECT 1 FROM pt_sessions AS room
+                    WHERE room.id = json_extract(chat.value, '$.session_id')
+                      AND room.status = 'active'
+                      AND json_extract(chat.value, '$.user_id') IN (room.trainer_id, room.member_id))
+     ORDER BY chat.key
     ON CONFLICT (session_id, user_id, client_id) DO NOTHING
-    RETURNING id
+    RETURNING id, session_id, user_id, client_id
 """
 SELECT_MESSAGE_BY_CLIENT_ID = """
     SELECT id, created_at FROM messages
@@ -313,10 +323,51 @@ class StoredSpread:
     message_ids_by_session: dict[int, int] = field(default_factory=dict)
 
 
-async def store_chat(db: aiosqlite.Connection, params: dict) -> StoredMessage:
-    rows = await db.execute_fetchall(INSERT_CHAT_MESSAGE, params)
-    if rows:
-        return StoredMessage(rows[0][0], params["created_at"], is_duplicate=False)
+Outcome = tuple[bool, Any]  # (stored?, the stored result or the exception)
+
+
+async def _outcome(store: Awaitable) -> Outcome:
+    """A write refused on its own fails alone; storage-wide errors end the batch.
+    Each write is one statement (or reads, then one statement), so a refused
+    one leaves nothing behind."""
+    try:
+        return True, await store
+    except (RoomClosed, NotParticipant) as error:
+        return False, error
+    except sqlite3.IntegrityError as error:
+        log.warning("write refused error=%s", error)
+        return False, StorageUnavailable(str(error))
+
+
+def one_by_one(store_one: Callable[[aiosqlite.Connection, dict], Awaitable]) -> Callable:
+    """A store function for the writer, which hands over runs of writes."""
+    async def store_each(db: aiosqlite.Connection, params_list: list[dict]) -> list[Outcome]:
+        return [await _outcome(store_one(db, params)) for params in params_list]
+    store_each.__name__ = f"{store_one.__name__}_each"
+    return store_each
+
+
+def chat_batch_json(params_list: list[dict]) -> str:
+    return json.dumps(params_list, ensure_ascii=False)
+
+
+async def store_chats(db: aiosqlite.Connection, params_list: list[dict]) -> list[Outcome]:
+    """Many chats in one statement; the few it skipped, one by one."""
+    rows = await db.execute_fetchall(INSERT_CHAT_MESSAGES, {"batch": chat_batch_json(params_list)})
+    new_ids = {(session_id, user_id, client_id): message_id
+               for message_id, session_id, user_id, client_id in rows}
+    outcomes = []
+    for params in params_list:
+        # pop: a client_id sent twice in one batch is new once, then a resend.
+        message_id = new_ids.pop((params["session_id"], params["user_id"], params["client_id"]), None)
+        if message_id is None:
+            outcomes.append(await _outcome(_resent_or_refused(db, params)))
+        else:
+            outcomes.append((True, StoredMessage(message_id, params["created_at"], is_duplicate=False)))
+    return outcomes
+
+
+async def _resent_or_refused(db: aiosqlite.Connection, params: dict) -> StoredMessage:
     earlier = await db.execute_fetchall(SELECT_MESSAGE_BY_CLIENT_ID, params)
     if earlier:
         return StoredMessage(earlier[0][0], earlier[0][1], is_duplicate=True)
@@ -355,9 +406,13 @@ async def store_read(db: aiosqlite.Connection, params: dict) -> int | None:
     return rows[0][0] if rows else None
 
 
+store_spreads = one_by_one(store_spread)
+store_reads = one_by_one(store_read)
+
+
 @dataclass(slots=True)
 class Write:
-    apply: Callable[[aiosqlite.Connection, dict], Awaitable[Any]]
+    store: Callable[[aiosqlite.Connection, list[dict]], Awaitable[list[Outcome]]]
     params: dict
     done: asyncio.Future
 
@@ -374,13 +429,13 @@ class Writer:
         self.task: asyncio.Task | None = None
         self.is_stopping = False
 
-    def submit(self, apply: Callable, params: dict) -> asyncio.Future:
+    def submit(self, store: Callable, params: dict) -> asyncio.Future:
         """Queue a write; its future settles after COMMIT (or with the error)."""
         if self.is_stopping:
             raise StorageUnavailable("the server is shutting down")
         done = asyncio.get_running_loop().create_future()
         try:
-            self.queue.put_nowait(Write(apply, params, done))
+            self.queue.put_nowait(Write(store, params, done))
         except asyncio.QueueFull:
             raise StorageUnavailable("too many writes waiting") from None
         return done
@@ -422,10 +477,11 @@ class Writer:
             log.warning("write refused batch=%d error=%s", len(batch), error)
             _fail_all(batch, StorageUnavailable(str(error)))
             return
-        outcomes: list[tuple[bool, Any]] = []
+        outcomes: list[Outcome] = []
         try:
-            for write in batch:
-                outcomes.append(await _apply_alone(self.db, write))
+            # Runs of the same kind go together: a run of chats is one statement.
+            for store, run in itertools.groupby(batch, key=lambda write: write.store):
+                outcomes += await store(self.db, [write.params for write in run])
             await self.db.execute(COMMIT)
         except sqlite3.Error as error:
             log.warning("write rolled back batch=%d error=%s", len(batch), error)
@@ -445,21 +501,6 @@ class Writer:
             await self.db.execute(ROLLBACK)
         except sqlite3.Error:
             pass  # SQLite already rolled back (e.g. after SQLITE_FULL)
-
-
-async def _apply_alone(db: aiosqlite.Connection, write: Write) -> tuple[bool, Any]:
-    """One write's outcome; a write that is refused on its own fails alone.
-
-    Each write is a single statement (or read-then-statement), so a refused
-    statement leaves nothing behind; storage-wide errors end the batch.
-    """
-    try:
-        return True, await write.apply(db, write.params)
-    except (RoomClosed, NotParticipant) as error:
-        return False, error
-    except sqlite3.IntegrityError as error:
-        log.warning("write refused error=%s", error)
-        return False, StorageUnavailable(str(error))
 
 
 def _fail_all(batch: list[Write], error: Exception) -> None:
@@ -1295,9 +1336,9 @@ async def handle_send(request: web.Request, ws: ChatSocket, frame: dict) -> None
     ws.last_typing_at = 0.0  # a message ends this bout of typing: relay the next one at once
     params = {"session_id": ws.room.session_id, "user_id": ws.identity.user_id,
               "content": content, "client_id": client_id, "created_at": utc_now_iso()}
-    apply, publish = (store_spread, publish_spread) if is_spread else (store_chat, publish_chat)
+    store, publish = (store_spreads, publish_spread) if is_spread else (store_chats, publish_chat)
     try:
-        future = writer.submit(apply, params)
+        future = writer.submit(store, params)
     except StorageUnavailable:
         raise FrameError("unavailable", "not stored; retry later with the same client_id",
                          client_id) from None
@@ -1312,7 +1353,7 @@ async def handle_read(request: web.Request, ws: ChatSocket, frame: dict) -> None
     params = {"session_id": ws.room.session_id, "user_id": ws.identity.user_id,
               "message_id": min(message_id, 2**63 - 1)}
     try:
-        future = request.app[WRITER].submit(store_read, params)
+        future = request.app[WRITER].submit(store_reads, params)
     except StorageUnavailable:
         raise FrameError("unavailable", "read receipt not stored; send it again later") from None
     future.add_done_callback(lambda done: publish_read(request.app[HUB], ws, done))
@@ -1857,11 +1898,10 @@ def seed_demo(db: sqlite3.Connection) -> list[sqlite3.Row]:
         session_ids = [db.execute(INSERT_SESSION, {"trainer_id": trainer_id, "member_id": member_id,
                                                    "created_at": now}).fetchone()[0]
                        for member_id, _, _ in DEMO_USERS[1:]]
-        for number, (session_index, user_id, content) in enumerate(DEMO_MESSAGES, start=1):
-            db.execute(INSERT_CHAT_MESSAGE, {"session_id": session_ids[session_index],
-                                             "user_id": user_id, "content": content,
-                                             "client_id": f"demo-{number}",
-                                             "created_at": now}).fetchall()
+        demo_chats = [{"session_id": session_ids[session_index], "user_id": user_id,
+                       "content": content, "client_id": f"demo-{number}", "created_at": now}
+                      for number, (session_index, user_id, content) in enumerate(DEMO_MESSAGES, 1)]
+        db.execute(INSERT_CHAT_MESSAGES, {"batch": chat_batch_json(demo_chats)}).fetchall()
         db.execute(INSERT_SPREAD_MESSAGES, {"user_id": trainer_id, "content": DEMO_SPREAD,
                                             "client_id": "demo-spread", "created_at": now}).fetchall()
     return [find_user(db, user_id) for user_id, _, _ in DEMO_USERS]
