@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import collections
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -21,6 +22,7 @@ import os
 import re
 import secrets
 import signal
+import struct
 import sqlite3
 import sys
 import time
@@ -68,6 +70,8 @@ HISTORY_RESUME_MAX = 500
 PING_INTERVAL_S = 20.0
 SLOW_PEER_TIMEOUT_S = 10.0
 OUTBOX_MAX_CHARS = 1024 * 1024
+PEER_BUFFER_HIGH_BYTES = 256 * 1024
+PEER_BUFFER_POLL_S = 0.01
 CLOSE_HANDSHAKE_TIMEOUT_S = 2.0
 SHUTDOWN_FLUSH_TIMEOUT_S = 1.0
 SHUTDOWN_SOCKETS_TIMEOUT_S = 2.5
@@ -117,7 +121,14 @@ def utc_now_iso() -> str:
 
 
 def format_local_minute(iso_utc: str, zone: tzinfo | None) -> str:
-    moment = datetime.fromisoformat(iso_utc.replace("Z", "+00:00"))
+    """'YYYY-MM-DD HH:MM' in the zone; zones shift by whole minutes, so the UTC
+    minute decides it (cached: a room list formats hundreds of times)."""
+    return _format_utc_minute(iso_utc[:16], zone)
+
+
+@functools.lru_cache(maxsize=4096)
+def _format_utc_minute(utc_minute: str, zone: tzinfo | None) -> str:
+    moment = datetime.fromisoformat(utc_minute + ":00+00:00")
     return moment.astimezone(zone).strftime("%Y-%m-%d %H:%M")
 
 
@@ -664,6 +675,16 @@ def typing_frame(room_id: str, user_id: str) -> dict:
     return {"type": "typing", "room_id": room_id, "user_id": user_id}
 
 
+def websocket_text_frame(payload: bytes) -> bytes:
+    """A final, unmasked text frame (RFC 6455 section 5.2), as a server sends it."""
+    length = len(payload)
+    if length < 126:
+        return bytes((0x81, length)) + payload
+    if length < 65536:
+        return struct.pack("!BBH", 0x81, 126, length) + payload
+    return struct.pack("!BBQ", 0x81, 127, length) + payload
+
+
 class ChatSocket(web.WebSocketResponse):
     """One live connection: the socket, who holds it, and what waits to be sent.
 
@@ -736,16 +757,29 @@ class ChatSocket(web.WebSocketResponse):
             self.is_receive_cancelled = True
             self.handler_task.cancel()
 
-    async def pump_outbox(self) -> None:
+    async def pump_outbox(self, transport: asyncio.Transport | None) -> None:
+        """Write everything queued with one write (a chat's copy for its sender
+        and the ack leave together), then wait while the peer's buffer is full.
+
+        The frames are plain unmasked, uncompressed text frames; aiohttp's own
+        writes (pings, the close frame) are whole frames too, so none interleave.
+        """
         try:
             while True:
                 await self.outbox_ready.wait()
                 self.outbox_ready.clear()
                 while self.outbox:
-                    text = self.outbox.popleft()
-                    self.outbox_chars -= len(text)
+                    frames = []
+                    while self.outbox:
+                        text = self.outbox.popleft()
+                        self.outbox_chars -= len(text)
+                        frames.append(websocket_text_frame(text.encode()))
+                    if transport is None or transport.is_closing():
+                        raise ConnectionError("connection lost")
+                    transport.write(b"".join(frames))
                     async with asyncio.timeout(SLOW_PEER_TIMEOUT_S):
-                        await self.send_str(text)
+                        while transport.get_write_buffer_size() > PEER_BUFFER_HIGH_BYTES:
+                            await asyncio.sleep(PEER_BUFFER_POLL_S)  # rare: a slow reader
                 self.outbox_empty.set()
         except TimeoutError:
             self.request_stop(WSCloseCode.POLICY_VIOLATION, "too slow: frames not taken")
@@ -1447,7 +1481,7 @@ async def chat_socket_handler(request: web.Request) -> web.StreamResponse:
     if not hub.has_room_for(ws.identity.user_id):
         return await refuse_socket(ws, WSCloseCode.POLICY_VIOLATION,
                                    f"at most {MAX_SOCKETS_PER_USER} open connections per user")
-    pump = asyncio.create_task(ws.pump_outbox())
+    pump = asyncio.create_task(ws.pump_outbox(request.transport))
     expiry = asyncio.get_running_loop().call_later(
         max(0.0, ws.identity.expires_at - time.time()),
         ws.request_stop, CLOSE_UNAUTHORIZED, "token expired; sign in again")

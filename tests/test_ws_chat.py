@@ -648,3 +648,17 @@ async def test_resuming_while_another_user_sends_gets_every_message_once_in_orde
     stored_ids = [message["id"] for message in await stored_messages(client)]
     assert received == sorted(set(received)), "a message arrived twice or out of order"
     assert received == [i for i in stored_ids if i <= received[-1]], "a message was missed"
+
+
+async def test_a_history_frame_over_64_kib_arrives_whole(make_client):
+    """Every frame length form of the wire: short acks, mid-size messages, and a
+    history frame of about 240 KB (40 messages of 2,000 three-byte characters)."""
+    client = await make_client(rate_limit=0)
+    sender, _, _ = await open_room(client, "pt_1", "t1")
+    contents = [f"{number:02}" + "운" * 1998 for number in range(40)]
+    for number, content in enumerate(contents):
+        await send_chat(sender, content, f"long-{number}")
+        await ack_of(sender, f"long-{number}")
+    ws, _, history = await open_room(client, "pt_1", "m1")
+    assert [message["content"] for message in history["messages"]] == contents
+    await marker(ws, "still-framed")  # the frames after it still parse
