@@ -69,7 +69,7 @@ HISTORY_RESUME_MAX = 500
 
 PING_INTERVAL_S = 20.0
 SLOW_PEER_TIMEOUT_S = 10.0
-OUTBOX_MAX_CHARS = 1024 * 1024
+OUTBOX_MAX_BYTES = 1024 * 1024
 PEER_BUFFER_HIGH_BYTES = 256 * 1024
 PEER_BUFFER_POLL_S = 0.01
 CLOSE_HANDSHAKE_TIMEOUT_S = 2.0
@@ -649,8 +649,20 @@ async def load_room(db: aiosqlite.Connection, room_id: str) -> Room | None:
 # ========================================================== chat hub ===
 
 
-def encode_frame(frame: dict) -> str:
-    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+def websocket_text_frame(payload: bytes) -> bytes:
+    """A final, unmasked text frame (RFC 6455 section 5.2), as a server sends it."""
+    length = len(payload)
+    if length < 126:
+        return bytes((0x81, length)) + payload
+    if length < 65536:
+        return struct.pack("!BBH", 0x81, 126, length) + payload
+    return struct.pack("!BBQ", 0x81, 127, length) + payload
+
+
+def wire_frame(frame: dict) -> bytes:
+    """A frame as it goes on the wire; a broadcast builds it once for everyone."""
+    text = json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+    return websocket_text_frame(text.encode())
 
 
 def error_frame(code: str, message: str, client_id: str | None = None) -> dict:
@@ -675,16 +687,6 @@ def typing_frame(room_id: str, user_id: str) -> dict:
     return {"type": "typing", "room_id": room_id, "user_id": user_id}
 
 
-def websocket_text_frame(payload: bytes) -> bytes:
-    """A final, unmasked text frame (RFC 6455 section 5.2), as a server sends it."""
-    length = len(payload)
-    if length < 126:
-        return bytes((0x81, length)) + payload
-    if length < 65536:
-        return struct.pack("!BBH", 0x81, 126, length) + payload
-    return struct.pack("!BBQ", 0x81, 127, length) + payload
-
-
 class ChatSocket(web.WebSocketResponse):
     """One live connection: the socket, who holds it, and what waits to be sent.
 
@@ -701,8 +703,8 @@ class ChatSocket(web.WebSocketResponse):
                          compress=False, timeout=CLOSE_HANDSHAKE_TIMEOUT_S)
         self.identity: Identity | None = None
         self.room: Room | None = None
-        self.outbox: collections.deque[str] = collections.deque()
-        self.outbox_chars = 0
+        self.outbox: collections.deque[bytes] = collections.deque()
+        self.outbox_bytes = 0
         self.outbox_ready = asyncio.Event()
         self.outbox_empty = asyncio.Event()
         self.outbox_empty.set()
@@ -716,27 +718,28 @@ class ChatSocket(web.WebSocketResponse):
         # Live frames wait here until welcome and history are queued. A message
         # committed while the history was read can be in both: the live copy of
         # anything up to the history's newest id is dropped, then and later.
-        self.held_frames: list[tuple[str, int | None]] | None = []
+        self.held_frames: list[tuple[bytes, int | None]] | None = []
         self.history_through_id = 0
 
-    def enqueue(self, text: str, message_id: int | None = None) -> None:
+    def enqueue(self, data: bytes, message_id: int | None = None) -> None:
+        """Queue a frame built by ``wire_frame``."""
         if self.closed:
             return
         if self.held_frames is not None:
-            self.held_frames.append((text, message_id))
+            self.held_frames.append((data, message_id))
             return
         if message_id is not None and message_id <= self.history_through_id:
             return
-        if self.outbox_chars + len(text) > OUTBOX_MAX_CHARS:
+        if self.outbox_bytes + len(data) > OUTBOX_MAX_BYTES:
             self.request_stop(WSCloseCode.POLICY_VIOLATION, "too slow: frames not taken")
             return
-        self.outbox.append(text)
-        self.outbox_chars += len(text)
+        self.outbox.append(data)
+        self.outbox_bytes += len(data)
         self.outbox_empty.clear()
         self.outbox_ready.set()
 
     def send_later(self, frame: dict) -> None:
-        self.enqueue(encode_frame(frame))
+        self.enqueue(wire_frame(frame))
 
     def start_live(self, first_frames: list[dict], newest_history_id: int) -> None:
         """Queue ``first_frames``, then the held live frames the history lacks."""
@@ -744,8 +747,8 @@ class ChatSocket(web.WebSocketResponse):
         for frame in first_frames:
             self.send_later(frame)
         self.history_through_id = newest_history_id
-        for text, message_id in held:
-            self.enqueue(text, message_id)
+        for data, message_id in held:
+            self.enqueue(data, message_id)
 
     def request_stop(self, code: int, reason: str) -> None:
         """Ask the handler to close this socket with ``code``; the first ask wins."""
@@ -769,11 +772,9 @@ class ChatSocket(web.WebSocketResponse):
                 await self.outbox_ready.wait()
                 self.outbox_ready.clear()
                 while self.outbox:
-                    frames = []
-                    while self.outbox:
-                        text = self.outbox.popleft()
-                        self.outbox_chars -= len(text)
-                        frames.append(websocket_text_frame(text.encode()))
+                    frames = list(self.outbox)
+                    self.outbox.clear()
+                    self.outbox_bytes = 0
                     if transport is None or transport.is_closing():
                         raise ConnectionError("connection lost")
                     transport.write(b"".join(frames))
@@ -854,15 +855,15 @@ class ChatHub:
 
     def broadcast(self, room_id: str, frame: dict, *, skip_user_id: str | None = None,
                   skip_socket: ChatSocket | None = None) -> None:
-        """Encode once, queue for every socket in the room (the sender's included)."""
+        """Build the frame once, queue it for every socket in the room (the sender's included)."""
         sockets = self.room_sockets.get(room_id)
         if not sockets:
             return
-        text = encode_frame(frame)
+        data = wire_frame(frame)
         message_id = frame["id"] if frame["type"] in ("chat", "spread") else None
         for ws in list(sockets):
             if ws is not skip_socket and ws.identity.user_id != skip_user_id:
-                ws.enqueue(text, message_id)
+                ws.enqueue(data, message_id)
 
     def allows_send(self, user_id: str) -> bool:
         """Token bucket over all of a user's sockets: rate a second, burst 4x."""
