@@ -706,8 +706,9 @@ def typing_frame(room_id: str, user_id: str) -> dict:
 class ChatSocket(web.WebSocketResponse):
     """One live connection: the socket, who holds it, and what waits to be sent.
 
-    Frames go through a bounded outbox drained by the socket's own pump task,
-    so a peer that does not read never holds up a broadcast or another room.
+    Frames go through a bounded outbox, written at the loop's next turn in one
+    write; a peer that does not read gets a waiting task of its own, so it never
+    holds up a broadcast or another room. Idle sockets own no task of their own.
     Only the handler task closes the socket (``request_stop`` asks it to): a
     close from another task while the handler awaits ``receive()`` can end in
     a reset instead of a clean close frame.
@@ -721,9 +722,9 @@ class ChatSocket(web.WebSocketResponse):
         self.room: Room | None = None
         self.outbox: collections.deque[bytes] = collections.deque()
         self.outbox_bytes = 0
-        self.outbox_ready = asyncio.Event()
-        self.outbox_empty = asyncio.Event()
-        self.outbox_empty.set()
+        self.peer_transport: asyncio.Transport | None = None  # set once prepared
+        self.is_flush_scheduled = False
+        self.slow_peer_task: asyncio.Task | None = None
         self.stop_code: int | None = None
         self.stop_reason = ""
         self.is_receiving = False
@@ -751,8 +752,9 @@ class ChatSocket(web.WebSocketResponse):
             return
         self.outbox.append(data)
         self.outbox_bytes += len(data)
-        self.outbox_empty.clear()
-        self.outbox_ready.set()
+        if not self.is_flush_scheduled and self.slow_peer_task is None:
+            self.is_flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush_outbox)
 
     def send_later(self, frame: dict) -> None:
         self.enqueue(wire_frame(frame))
@@ -776,34 +778,46 @@ class ChatSocket(web.WebSocketResponse):
             self.is_receive_cancelled = True
             self.handler_task.cancel()
 
-    async def pump_outbox(self, transport: asyncio.Transport | None) -> None:
-        """Write everything queued with one write (a chat's copy for its sender
-        and the ack leave together), then wait while the peer's buffer is full.
+    def flush_outbox(self) -> None:
+        """Write everything queued in one write (a chat's copy for its sender and
+        the ack leave together); if the peer's buffer is then full, wait for it.
 
         The frames are plain unmasked, uncompressed text frames; aiohttp's own
         writes (pings, the close frame) are whole frames too, so none interleave.
         """
+        self.is_flush_scheduled = False
+        if not self.outbox or self.slow_peer_task is not None or self.closed:
+            return
+        transport = self.peer_transport
+        if transport is None or transport.is_closing():
+            self.request_stop(WSCloseCode.GOING_AWAY, "connection lost")
+            return
+        frames = list(self.outbox)
+        self.outbox.clear()
+        self.outbox_bytes = 0
+        transport.write(b"".join(frames))
+        if transport.get_write_buffer_size() > PEER_BUFFER_HIGH_BYTES:
+            self.slow_peer_task = asyncio.create_task(self.wait_for_slow_peer(transport))
+
+    async def wait_for_slow_peer(self, transport: asyncio.Transport) -> None:
+        """Rare: frames queue (bounded) until the peer's buffer drains, or 1008."""
         try:
-            while True:
-                await self.outbox_ready.wait()
-                self.outbox_ready.clear()
-                while self.outbox:
-                    frames = list(self.outbox)
-                    self.outbox.clear()
-                    self.outbox_bytes = 0
-                    if transport is None or transport.is_closing():
-                        raise ConnectionError("connection lost")
-                    transport.write(b"".join(frames))
-                    async with asyncio.timeout(SLOW_PEER_TIMEOUT_S):
-                        while transport.get_write_buffer_size() > PEER_BUFFER_HIGH_BYTES:
-                            await asyncio.sleep(PEER_BUFFER_POLL_S)  # rare: a slow reader
-                self.outbox_empty.set()
+            async with asyncio.timeout(SLOW_PEER_TIMEOUT_S):
+                while transport.get_write_buffer_size() > PEER_BUFFER_HIGH_BYTES:
+                    await asyncio.sleep(PEER_BUFFER_POLL_S)
         except TimeoutError:
             self.request_stop(WSCloseCode.POLICY_VIOLATION, "too slow: frames not taken")
-        except (ConnectionError, RuntimeError):
-            self.request_stop(WSCloseCode.GOING_AWAY, "connection lost")
+            return
         finally:
-            self.outbox_empty.set()
+            self.slow_peer_task = None
+        self.flush_outbox()
+
+    async def flush_before_close(self, timeout_s: float) -> None:
+        """Send what is queued before the close frame, waiting at most timeout_s."""
+        self.flush_outbox()
+        async with asyncio.timeout(timeout_s):
+            while self.slow_peer_task is not None:
+                await asyncio.wait([self.slow_peer_task])
 
 
 @dataclass(slots=True)
@@ -1457,8 +1471,7 @@ async def close_socket(request: web.Request, ws: ChatSocket) -> None:
     """Flush what is queued (unless the peer is the problem), then close."""
     if ws.stop_code not in (None, WSCloseCode.POLICY_VIOLATION) and not ws.closed:
         try:
-            async with asyncio.timeout(SHUTDOWN_FLUSH_TIMEOUT_S):
-                await ws.outbox_empty.wait()
+            await ws.flush_before_close(SHUTDOWN_FLUSH_TIMEOUT_S)
         except TimeoutError:
             pass
     code = ws.stop_code or WSCloseCode.OK
@@ -1496,7 +1509,7 @@ async def chat_socket_handler(request: web.Request) -> web.StreamResponse:
     if not hub.has_room_for(ws.identity.user_id):
         return await refuse_socket(ws, WSCloseCode.POLICY_VIOLATION,
                                    f"at most {MAX_SOCKETS_PER_USER} open connections per user")
-    pump = asyncio.create_task(ws.pump_outbox(request.transport))
+    ws.peer_transport = request.transport
     expiry = asyncio.get_running_loop().call_later(
         max(0.0, ws.identity.expires_at - time.time()),
         ws.request_stop, CLOSE_UNAUTHORIZED, "token expired; sign in again")
@@ -1513,7 +1526,8 @@ async def chat_socket_handler(request: web.Request) -> web.StreamResponse:
         expiry.cancel()
         hub.discard(ws)
         await close_socket(request, ws)
-        pump.cancel()
+        if ws.slow_peer_task is not None:
+            ws.slow_peer_task.cancel()
         ws.finished.set_result(None)
         log.info("ws close room_id=%s user_id=%s code=%s", room_id, ws.identity.user_id,
                  ws.close_code)
