@@ -83,6 +83,10 @@ SHUTDOWN_FLUSH_TIMEOUT_S = 1.0
 SHUTDOWN_SOCKETS_TIMEOUT_S = 2.5
 PRESENCE_GRACE_S = 5.0
 MAX_SOCKETS_PER_USER = 20
+# Connections waiting to be accepted. When every client reconnects at once (a
+# restart, a Wi-Fi blip), a short queue drops SYNs and each dropped client
+# waits a full second to retry; the kernel caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 2048
 RATE_BURST_FACTOR = 4
 TYPING_RELAY_INTERVAL_S = 0.5
 ADMIN_POLL_INTERVAL_S = 1.0
@@ -1974,7 +1978,7 @@ async def run_server(settings: Settings, demo_users: list[sqlite3.Row], secret: 
     runner = web.AppRunner(create_app(settings), handle_signals=False, shutdown_timeout=1.0,
                            access_log_class=PathOnlyAccessLogger)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=LISTEN_BACKLOG)
     try:
         await site.start()
     except OSError as error:
