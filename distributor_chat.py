@@ -76,6 +76,9 @@ HISTORY_RESUME_MAX = 500
 PING_INTERVAL_S = 20.0
 SLOW_PEER_TIMEOUT_S = 10.0
 OUTBOX_MAX_BYTES = 1024 * 1024
+# A history frame bigger than this is cut (has_more: true): a long catch-up must
+# never fill the outbox, or the client is closed as slow on every reconnect.
+HISTORY_MAX_BYTES = OUTBOX_MAX_BYTES // 2
 PEER_BUFFER_HIGH_BYTES = 256 * 1024
 PEER_BUFFER_POLL_S = 0.01
 CLOSE_HANDSHAKE_TIMEOUT_S = 2.0
@@ -110,6 +113,7 @@ class Settings:
     tz_name: str | None = None
     max_message_chars: int = 2000
     rate_limit: float = 5.0
+    ping_interval_s: float = PING_INTERVAL_S  # also how soon a dead peer is dropped
     log_level: str = "info"
     demo: bool = True
 
@@ -718,9 +722,9 @@ class ChatSocket(web.WebSocketResponse):
     a reset instead of a clean close frame.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ping_interval_s: float) -> None:
         # aiohttp refuses a frame of max_msg_size itself; 64 KiB exactly is allowed.
-        super().__init__(heartbeat=PING_INTERVAL_S, max_msg_size=MAX_FRAME_BYTES + 1,
+        super().__init__(heartbeat=ping_interval_s, max_msg_size=MAX_FRAME_BYTES + 1,
                          compress=False, timeout=CLOSE_HANDSHAKE_TIMEOUT_S)
         self.identity: Identity | None = None
         self.room: Room | None = None
@@ -763,11 +767,11 @@ class ChatSocket(web.WebSocketResponse):
     def send_later(self, frame: dict) -> None:
         self.enqueue(wire_frame(frame))
 
-    def start_live(self, first_frames: list[dict], newest_history_id: int) -> None:
-        """Queue ``first_frames``, then the held live frames the history lacks."""
+    def start_live(self, first_frames: list[bytes], newest_history_id: int) -> None:
+        """Queue ``first_frames`` (wire bytes), then the held live frames the history lacks."""
         held, self.held_frames = self.held_frames or [], None
-        for frame in first_frames:
-            self.send_later(frame)
+        for data in first_frames:
+            self.enqueue(data)
         self.history_through_id = newest_history_id
         for data, message_id in held:
             self.enqueue(data, message_id)
@@ -1263,8 +1267,24 @@ async def send_welcome(request: web.Request, ws: ChatSocket) -> None:
         "participants": [{"user_id": row["user_id"], "name": row["name"], "role": row["role"],
                           "online": hub.is_online(room.room_id, row["user_id"]),
                           "last_read_id": row["last_read_id"]} for row in participants]}
-    history = {"type": "history", "messages": messages, "has_more": has_more}
-    ws.start_live([welcome, history], messages[-1]["id"] if messages else after_id or 0)
+    history, newest_id = history_wire_frame(messages, has_more, keep_oldest=after_id is not None)
+    ws.start_live([wire_frame(welcome), history],
+                  newest_id if newest_id is not None else after_id or 0)
+
+
+def history_wire_frame(messages: list[dict], has_more: bool, *,
+                       keep_oldest: bool) -> tuple[bytes, int | None]:
+    """The history frame's bytes and its newest message id. Rarely (hundreds of
+    long messages missed) it is over HISTORY_MAX_BYTES: then it keeps the part
+    nearest the client (the oldest after ``after``, else the newest) and says
+    has_more, and the client pages the rest over HTTP."""
+    while True:
+        data = wire_frame({"type": "history", "messages": messages, "has_more": has_more})
+        if len(data) <= HISTORY_MAX_BYTES or len(messages) <= 1:
+            return data, messages[-1]["id"] if messages else None
+        half = len(messages) // 2
+        messages = messages[:half] if keep_oldest else messages[half:]
+        has_more = True
 
 
 class FrameError(Exception):
@@ -1460,6 +1480,9 @@ async def receive_frames(request: web.Request, ws: ChatSocket) -> None:
                 ws.is_receiving = False
             if message.type is WSMsgType.TEXT:
                 await handle_text(request, ws, message.data)
+                # Frames already buffered are read without waiting; a refused one
+                # is answered at once. Take turns, so a flood holds up no one else.
+                await asyncio.sleep(0)
             elif message.type is WSMsgType.BINARY:
                 ws.send_later(error_frame("invalid_message", "binary frames are not accepted"))
             else:
@@ -1501,7 +1524,7 @@ async def chat_socket_handler(request: web.Request) -> web.StreamResponse:
         raise ApiError(403, "cross-site WebSocket refused: this origin is not allowed")
     room_id = request.match_info["room_id"]
     access = await check_socket_access(request, room_id)
-    ws = ChatSocket()
+    ws = ChatSocket(settings.ping_interval_s)
     await ws.prepare(request)
     if isinstance(access[0], int):
         code, reason = access
