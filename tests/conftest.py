@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import jwt
@@ -249,3 +250,27 @@ def run_cli(*args: str, db_path: Path, env: dict | None = None, stdin=None,
     return subprocess.run([sys.executable, str(SERVER_SCRIPT), *args, "--db", str(db_path)],
                           capture_output=True, text=True, timeout=timeout_s,
                           env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+
+
+class PageParser(HTMLParser):
+    """Tags with their attributes, visible text, and script bodies."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+        self.scripts: list[str] = []
+        self._in_script = False
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        self._in_script = tag == "script"
+
+    def handle_endtag(self, tag):
+        if tag == "script":
+            self._in_script = False
+
+    def handle_data(self, data):
+        (self.scripts if self._in_script else self.text).append(data)

@@ -18,7 +18,6 @@ import statistics
 import struct
 import threading
 import time
-from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import quote
 
@@ -28,8 +27,9 @@ import pytest
 from aiohttp import WSMsgType
 
 import distributor_chat as dc
-from conftest import (SECRET, ack_of, auth, make_settings, make_token, marker, next_error,
-                      open_room, receive_until, seed_gym, send_chat, stored_messages, wait_until)
+from conftest import (SECRET, PageParser, ack_of, auth, make_settings, make_token, marker,
+                      next_error, open_room, receive_until, seed_gym, send_chat, stored_messages,
+                      wait_until)
 
 WS_PATH = "/distributor/ws/chat/{}"
 ROOMS = "/distributor/chat/rooms"
@@ -1131,27 +1131,8 @@ XSS_PAYLOADS = [
 ]
 
 
-class MarkupCheck(HTMLParser):
+class MarkupCheck(PageParser):
     """What a browser would build from a page: its tags, attributes and script bodies."""
-
-    def __init__(self, html: str) -> None:
-        super().__init__(convert_charrefs=True)
-        self.tags: list[tuple[str, dict]] = []
-        self.script_bodies: list[str] = []
-        self._in_script = False
-        self.feed(html)
-        self.close()
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-        self._in_script = tag == "script"
-
-    def handle_endtag(self, tag):
-        self._in_script = False
-
-    def handle_data(self, data):
-        if self._in_script:
-            self.script_bodies.append(data)
 
     def injected(self) -> list:
         """Anything user text could have become: tags, handlers, javascript: links, scripts."""
@@ -1161,7 +1142,7 @@ class MarkupCheck(HTMLParser):
                   or any("javascript:" in (value or "").lower() for value in attrs.values())]
         found += [(tag, attrs) for tag, attrs in self.tags if tag == "script"
                   and "src" not in attrs and attrs.get("type") != "application/json"]
-        found += [body for body in self.script_bodies if "<" in body]  # a JSON island stays closed
+        found += [body for body in self.scripts if "<" in body]  # a JSON island stays closed
         return found
 
 

@@ -333,6 +333,23 @@ def no_problems(clients: list[ChatClient]) -> None:
     assert not problems, problems[:10]
 
 
+async def resend_and_read_to_the_end(http, server, db_path: Path,
+                                     clients: list[ChatClient]) -> dict:
+    """Resumed clients resend what they hold un-acked (a committed one gets its first
+    id back), then each ends with exactly its stored room: no gap, no repeat."""
+    for client in clients:
+        await client.resend_pending()
+    await wait_for(lambda: not any(c.pending for c in clients), 15, "resends not acked")
+    stored = check_stored(db_path, clients)
+    await wait_for(lambda: all(len(c.seen) >= len(stored[c.room_id]) for c in clients), 15,
+                   "a resumed client is missing messages")
+    for client in clients:
+        assert client.seen == stored[client.room_id], f"{client.user_id}: gap or repeat"
+    await check_http_matches(http, server.base_url, clients, stored)
+    no_problems(clients)
+    return stored
+
+
 # -------------------------------------------------- 1. SIGKILL, 5 rounds ---
 
 
@@ -385,15 +402,7 @@ async def test_sigkill_rounds_lose_nothing_acked_and_resumed_clients_see_all(ser
         resumed_s = await connect_all(clients, http, server.port)
         for client in clients:
             assert client.seen == stored[client.room_id], f"{client.user_id}: resumed with a gap"
-            await client.resend_pending()
-        await wait_for(lambda: not any(c.pending for c in clients), 15, "resends not acked")
-        stored = check_stored(db_path, clients)
-        await wait_for(lambda: all(len(c.seen) >= len(stored[c.room_id]) for c in clients), 15,
-                       "a resumed client is missing messages")
-        for client in clients:
-            assert client.seen == stored[client.room_id], f"{client.user_id}: gap or repeat"
-        await check_http_matches(http, server.base_url, clients, stored)
-        no_problems(clients)
+        stored = await resend_and_read_to_the_end(http, server, db_path, clients)
         assert not [e for c in clients for e in c.errors], "errors while sending"
         assert sum(len(c.acked) for c in clients) == sum(len(r) for r in stored.values())
         for client in clients:
@@ -457,16 +466,7 @@ async def test_sigterm_under_load_closes_1001_and_stores_only_whole_sent_message
         # Restart: every client resumes and resends what it holds un-acked.
         server = server_process(*args, db_path=db_path, seed=False)
         await connect_all(clients, http, server.port)
-        for client in clients:
-            await client.resend_pending()
-        await wait_for(lambda: not any(c.pending for c in clients), 15, "resends not acked")
-        stored = check_stored(db_path, clients)  # a resend of a committed one: its first id
-        await wait_for(lambda: all(len(c.seen) >= len(stored[c.room_id]) for c in clients), 15,
-                       "a resumed client is missing messages")
-        for client in clients:
-            assert client.seen == stored[client.room_id], f"{client.user_id}: gap or repeat"
-        await check_http_matches(http, server.base_url, clients, stored)
-        no_problems(clients)
+        stored = await resend_and_read_to_the_end(http, server, db_path, clients)
         for client in clients:
             await client.close()
         assert server.stop() == 0

@@ -6,15 +6,14 @@ import itertools
 import re
 import sqlite3
 from datetime import datetime, timedelta
-from html.parser import HTMLParser
 from zoneinfo import ZoneInfo
 
 import pytest
 from yarl import URL
 
 import distributor_chat as dc
-from conftest import (ROOT, auth, make_settings, make_token, open_room, receive_until, run_cli,
-                      seed_gym, wait_until)
+from conftest import (ROOT, PageParser, auth, make_settings, make_token, open_room, receive_until,
+                      run_cli, seed_gym, wait_until)
 
 ROOMS = "/distributor/chat/rooms"
 JSON = {"Accept": "application/json"}
@@ -87,30 +86,6 @@ def assert_error_shape(body: dict) -> None:
     assert set(body["error"]) == {"code", "message"}, body
     assert isinstance(body["error"]["code"], str) and body["error"]["code"]
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-
-
-class PageParser(HTMLParser):
-    """Tags with their attributes, visible text, and script bodies."""
-
-    def __init__(self, html: str) -> None:
-        super().__init__(convert_charrefs=True)
-        self.tags: list[tuple[str, dict]] = []
-        self.text: list[str] = []
-        self.scripts: list[str] = []
-        self._in_script = False
-        self.feed(html)
-        self.close()
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-        self._in_script = tag == "script"
-
-    def handle_endtag(self, tag):
-        if tag == "script":
-            self._in_script = False
-
-    def handle_data(self, data):
-        (self.scripts if self._in_script else self.text).append(data)
 
 
 async def raw_request(client, request: bytes) -> bytes:
