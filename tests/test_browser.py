@@ -6,6 +6,7 @@ pt_2 with m2. One Chromium per module, a fresh browser context per user and test
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -19,8 +20,8 @@ import pytest_asyncio
 from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import Page, async_playwright, expect
 
-from conftest import (USERS, ack_of, make_settings, make_token, open_room, seed_gym, send_chat,
-                      stored_messages)
+from conftest import (USERS, ack_of, make_settings, make_token, open_room, receive_until, seed_gym,
+                      send_chat, stored_messages)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -150,6 +151,23 @@ async def send_over_socket(server, user_id: str, texts: list[str], room_id: str 
             ids.append((await ack_of(ws, client_id))["id"])
         await ws.close()
         return ids
+
+
+async def send_many_over_socket(server, user_id: str, texts: list[str],
+                               room_id: str = "pt_1") -> list[int]:
+    """Send chats without waiting for each ack (needs --rate-limit 0); the stored ids."""
+    async with aiohttp.ClientSession(base_url=server.base_url) as http:
+        ws, _, _ = await open_room(http, room_id, user_id)
+        client_ids = [f"{user_id}-{number}-{os.urandom(4).hex()}" for number in range(len(texts))]
+        for client_id, text in zip(client_ids, texts):
+            await send_chat(ws, text, client_id)
+        acked: dict[str, int] = {}
+        while len(acked) < len(client_ids):
+            frame = await receive_until(ws, lambda f: f["type"] in ("ack", "error"))
+            assert frame["type"] == "ack", frame
+            acked[frame["client_id"]] = frame["id"]
+        await ws.close()
+        return [acked[client_id] for client_id in client_ids]
 
 
 async def ids_on_page(page: Page) -> list[int]:
@@ -361,6 +379,58 @@ async def test_missed_messages_appear_once_after_a_server_restart(new_context, s
     all_ids = await ids_on_page(page)
     assert all_ids == sorted(set(all_ids)) == [first["id"], *ids]
     assert f"after={first['id']}" in sockets[-1], sockets  # resumed with after=
+
+
+async def test_resume_past_500_missed_fills_the_gap_while_live_messages_arrive(
+        new_context, server_process):
+    """A resume's history stops at 500 and the page fetches the rest page by page.
+    A live message that lands between two pages must not make it skip the rest."""
+    server = server_process("--rate-limit", "0", "--log-level", "warning")
+    page = await open_chat(new_context, server, "m1")
+    [first_id] = await send_over_socket(server, "t1", ["놓치기 전"])
+    await expect(page.locator(f'.timeline .message-row[data-id="{first_id}"]')).to_have_count(1)
+
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def hold_first_gap_page(route):
+        if not held.is_set():
+            held.set()
+            await release.wait()
+        await route.continue_()
+
+    await page.route(re.compile(r"/messages\?.*after="), hold_first_gap_page)
+    assert server.stop() == 0
+    await expect(reconnecting(page)).to_be_visible()
+    await page.context.set_offline(True)
+    await expect(page.locator(".connection-offline")).to_be_visible()
+    server.start()
+    missed_ids = await send_many_over_socket(server, "t1", [f"놓친 {n}" for n in range(620)])
+    async with aiohttp.ClientSession(base_url=server.base_url) as http:
+        trainer, _, _ = await open_room(http, "pt_1", "t1")  # sees the page's read pointer move
+        await page.context.set_offline(False)
+
+        await asyncio.wait_for(held.wait(), timeout=10)  # history shown, first gap page asked for
+        [live_id] = await send_over_socket(server, "t1", ["페이지 사이에 온 메시지"])
+        await expect(page.locator(f'.timeline .message-row[data-id="{live_id}"]')).to_have_count(1)
+        # A typing frame goes out after any read the live message caused, on the same socket.
+        await composer(page).fill("…")
+        read_ids: list[int] = []
+
+        def read_or_typing(frame: dict) -> bool:
+            if frame["type"] == "read" and frame["user_id"] == "m1":
+                read_ids.append(frame["message_id"])
+            return frame["type"] == "typing" and frame["user_id"] == "m1"
+
+        await receive_until(trainer, read_or_typing)
+        assert max(read_ids, default=0) < live_id, "read past messages not yet shown"
+        release.set()
+
+        expected = [first_id, *missed_ids, live_id]
+        await expect(stored_rows(page)).to_have_count(len(expected), timeout=10_000)
+        assert await ids_on_page(page) == expected
+        # Once the gap is filled, the page reads through the newest message.
+        await receive_until(trainer, lambda f: f["type"] == "read" and f["message_id"] == live_id)
+        await trainer.close()
 
 
 async def test_no_ack_in_10_s_shows_retry_and_retry_delivers_once(new_context, server):

@@ -13,6 +13,8 @@
   const TYPING_SHOW_MS = 3000
   const ROOMS_POLL_MS = 3000
   const OLDER_PAGE_SIZE = 50
+  const GAP_FETCH_ATTEMPTS = 5
+  const GAP_RETRY_MS = 2000
   const NEAR_TOP_PX = 80
   const NEAR_BOTTOM_PX = 120
 
@@ -211,13 +213,16 @@
 
   // --------------------------------------------------------- socket ---
 
-  const connection = { socket: null, attempts: 0, retryTimer: null, countdownTimer: null, lastReadSent: 0, lastTypingSent: 0, resumedAfterId: 0 }
+  // gapAfterId: a resume's history was cut short (has_more), so messages after this
+  // id are missing until fetched, though live ones past them already show.
+  const connection = { socket: null, attempts: 0, retryTimer: null, countdownTimer: null, lastReadSent: 0, lastTypingSent: 0, resumedAfterId: 0, gapAfterId: 0, gapFill: 0 }
   const ackTimers = new Map()
 
   function socketUrl () {
     const scheme = location.protocol === 'https:' ? 'wss' : 'ws'
     const query = new URLSearchParams()
-    connection.resumedAfterId = newestId()
+    // Resume from before a gap still being filled, never past it.
+    connection.resumedAfterId = connection.gapAfterId || newestId()
     if (connection.resumedAfterId) query.set('after', String(connection.resumedAfterId))
     const pageToken = new URLSearchParams(location.search).get('token')
     if (pageToken) query.set('token', pageToken) // a page opened with ?token= has no cookie yet
@@ -298,10 +303,15 @@
         setParticipants(frame.participants)
         break
       case 'history':
-        // has_more looks back on a first connect, forward on a resume (over 500 missed).
+        // has_more looks back on a first connect, forward on a resume (many missed).
         if (!connection.resumedAfterId) store.hasOlder = frame.has_more
         addMessages(frame.messages)
-        if (connection.resumedAfterId && frame.has_more) fetchNewer()
+        if (connection.resumedAfterId && frame.has_more) {
+          const last = frame.messages[frame.messages.length - 1]
+          fillGap(last ? last.id : connection.resumedAfterId)
+        } else if (connection.resumedAfterId) {
+          stopFillingGap()
+        }
         for (const item of store.outbox) if (item.state === 'pending') transmit(item)
         markRead()
         break
@@ -339,7 +349,9 @@
 
   function markRead () {
     if (document.visibilityState !== 'visible') return
-    const fromOthers = store.messages.filter((message) => message.user_id !== boot.user_id)
+    // A read pointer covers everything below it: never move it past a gap.
+    const readable = connection.gapAfterId || Infinity
+    const fromOthers = store.messages.filter((message) => message.user_id !== boot.user_id && message.id <= readable)
     const newest = fromOthers.length ? fromOthers[fromOthers.length - 1].id : 0
     if (newest > connection.lastReadSent && sendFrame({ type: 'read', message_id: newest })) {
       connection.lastReadSent = newest
@@ -389,14 +401,34 @@
     }
   }
 
-  async function fetchNewer () {
-    // A resume gives at most 500 messages: the rest come page by page.
-    for (let pages = 0; pages < 100; pages++) {
-      const page = await fetchPage({ after: String(newestId()) }).catch(() => null)
-      if (!page) return
+  function stopFillingGap () {
+    connection.gapFill += 1
+    connection.gapAfterId = 0
+  }
+
+  async function fillGap (afterId) {
+    // Page on from the last page's newest id: live messages that arrived meanwhile
+    // are newer than the gap, and paging from them would skip it.
+    const fill = (connection.gapFill += 1)
+    connection.gapAfterId = afterId
+    let failures = 0
+    while (fill === connection.gapFill && failures < GAP_FETCH_ATTEMPTS) {
+      const page = await fetchPage({ after: String(connection.gapAfterId) }).catch(() => null)
+      if (fill !== connection.gapFill) return // a newer resume took over
+      if (!page) {
+        failures += 1
+        await new Promise((resolve) => setTimeout(resolve, GAP_RETRY_MS))
+        continue
+      }
       addMessages(page.messages)
-      if (!page.has_more) return
+      if (!page.has_more || !page.messages.length) {
+        stopFillingGap()
+        markRead()
+        return
+      }
+      connection.gapAfterId = page.messages[page.messages.length - 1].id
     }
+    // Still missing: the next reconnect resumes from connection.gapAfterId.
   }
 
   // ------------------------------------------------------ components ---
