@@ -737,6 +737,7 @@ class ChatSocket(web.WebSocketResponse):
         self.peer_transport: asyncio.Transport | None = None  # set once prepared
         self.is_flush_scheduled = False
         self.slow_peer_task: asyncio.Task | None = None
+        self.has_dropped_frame = False
         self.stop_code: int | None = None
         self.stop_reason = ""
         self.is_receiving = False
@@ -752,7 +753,9 @@ class ChatSocket(web.WebSocketResponse):
 
     def enqueue(self, data: bytes, message_id: int | None = None) -> None:
         """Queue a frame built by ``wire_frame``."""
-        if self.closed:
+        # After a dropped frame, later ones must not reach the peer either: it
+        # resumes with `after` its newest id, which would skip the dropped one.
+        if self.closed or self.has_dropped_frame:
             return
         if self.held_frames is not None:
             self.held_frames.append((data, message_id))
@@ -760,6 +763,7 @@ class ChatSocket(web.WebSocketResponse):
         if message_id is not None and message_id <= self.history_through_id:
             return
         if self.outbox_bytes + len(data) > OUTBOX_MAX_BYTES:
+            self.has_dropped_frame = True
             self.request_stop(WSCloseCode.POLICY_VIOLATION, "too slow: frames not taken")
             return
         self.outbox.append(data)
@@ -1484,13 +1488,13 @@ async def receive_frames(request: web.Request, ws: ChatSocket) -> None:
                 ws.is_receiving = False
             if message.type is WSMsgType.TEXT:
                 await handle_text(request, ws, message.data)
-                # Frames already buffered are read without waiting; a refused one
-                # is answered at once. Take turns, so a flood holds up no one else.
-                await asyncio.sleep(0)
             elif message.type is WSMsgType.BINARY:
                 ws.send_later(error_frame("invalid_message", "binary frames are not accepted"))
             else:
                 return  # closed by the peer, too large (1009), or the connection broke
+            # Frames already buffered are read without waiting; a refused one is
+            # answered at once. Take turns, so a flood holds up no one else.
+            await asyncio.sleep(0)
     except asyncio.CancelledError:
         if not ws.is_receive_cancelled:
             raise
@@ -1556,12 +1560,14 @@ async def chat_socket_handler(request: web.Request) -> web.StreamResponse:
     finally:
         expiry.cancel()
         hub.discard(ws)
-        await close_socket(request, ws)
-        if ws.slow_peer_task is not None:
-            ws.slow_peer_task.cancel()
-        ws.finished.set_result(None)
-        log.info("ws close room_id=%s user_id=%s code=%s", room_id, ws.identity.user_id,
-                 ws.close_code)
+        try:
+            await close_socket(request, ws)
+        finally:  # aiohttp may cancel the handler mid-close (at shutdown)
+            if ws.slow_peer_task is not None:
+                ws.slow_peer_task.cancel()
+            ws.finished.set_result(None)
+            log.info("ws close room_id=%s user_id=%s code=%s", room_id, ws.identity.user_id,
+                     ws.close_code)
     return ws
 
 
