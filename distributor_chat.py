@@ -737,7 +737,6 @@ class ChatSocket(web.WebSocketResponse):
         self.peer_transport: asyncio.Transport | None = None  # set once prepared
         self.is_flush_scheduled = False
         self.slow_peer_task: asyncio.Task | None = None
-        self.has_dropped_frame = False
         self.stop_code: int | None = None
         self.stop_reason = ""
         self.is_receiving = False
@@ -753,9 +752,7 @@ class ChatSocket(web.WebSocketResponse):
 
     def enqueue(self, data: bytes, message_id: int | None = None) -> None:
         """Queue a frame built by ``wire_frame``."""
-        # After a dropped frame, later ones must not reach the peer either: it
-        # resumes with `after` its newest id, which would skip the dropped one.
-        if self.closed or self.has_dropped_frame:
+        if self.closed or self.is_too_slow:
             return
         if self.held_frames is not None:
             self.held_frames.append((data, message_id))
@@ -763,7 +760,6 @@ class ChatSocket(web.WebSocketResponse):
         if message_id is not None and message_id <= self.history_through_id:
             return
         if self.outbox_bytes + len(data) > OUTBOX_MAX_BYTES:
-            self.has_dropped_frame = True
             self.request_stop(WSCloseCode.POLICY_VIOLATION, "too slow: frames not taken")
             return
         self.outbox.append(data)
@@ -783,6 +779,13 @@ class ChatSocket(web.WebSocketResponse):
         self.history_through_id = newest_history_id
         for data, message_id in held:
             self.enqueue(data, message_id)
+
+    @property
+    def is_too_slow(self) -> bool:
+        """Being closed for not reading: nothing more goes out. A frame may have been
+        dropped, and the peer resumes with `after` the newest id it got, so a later
+        frame reaching it would make it skip the dropped one."""
+        return self.stop_code == WSCloseCode.POLICY_VIOLATION
 
     def request_stop(self, code: int, reason: str) -> None:
         """Ask the handler to close this socket with ``code``; the first ask wins."""
@@ -1504,7 +1507,7 @@ async def receive_frames(request: web.Request, ws: ChatSocket) -> None:
 
 async def close_socket(request: web.Request, ws: ChatSocket) -> None:
     """Flush what is queued (unless the peer is the problem), then close."""
-    if ws.stop_code not in (None, WSCloseCode.POLICY_VIOLATION) and not ws.closed:
+    if ws.stop_code is not None and not ws.is_too_slow and not ws.closed:
         try:
             await ws.flush_before_close(SHUTDOWN_FLUSH_TIMEOUT_S)
         except TimeoutError:

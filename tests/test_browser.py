@@ -20,8 +20,8 @@ import pytest_asyncio
 from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import Page, async_playwright, expect
 
-from conftest import (USERS, ack_of, make_settings, make_token, open_room, receive_until, seed_gym,
-                      send_chat, stored_messages)
+from conftest import (USERS, make_settings, make_token, open_room, receive_until, seed_gym, send_chat,
+                      stored_messages)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -141,21 +141,8 @@ async def contents(server, room_id: str = "pt_1") -> Counter:
 
 
 async def send_over_socket(server, user_id: str, texts: list[str], room_id: str = "pt_1") -> list[int]:
-    """Send chats from a plain WebSocket client; the stored ids, in order."""
-    async with aiohttp.ClientSession(base_url=server.base_url) as http:
-        ws, _, _ = await open_room(http, room_id, user_id)
-        ids = []
-        for number, text in enumerate(texts):
-            client_id = f"{user_id}-{number}-{os.urandom(4).hex()}"
-            await send_chat(ws, text, client_id)
-            ids.append((await ack_of(ws, client_id))["id"])
-        await ws.close()
-        return ids
-
-
-async def send_many_over_socket(server, user_id: str, texts: list[str],
-                               room_id: str = "pt_1") -> list[int]:
-    """Send chats without waiting for each ack (needs --rate-limit 0); the stored ids."""
+    """Send chats from a plain WebSocket client, all before reading the acks (more
+    than the rate limit's burst needs --rate-limit 0); the stored ids, in order."""
     async with aiohttp.ClientSession(base_url=server.base_url) as http:
         ws, _, _ = await open_room(http, room_id, user_id)
         client_ids = [f"{user_id}-{number}-{os.urandom(4).hex()}" for number in range(len(texts))]
@@ -404,7 +391,7 @@ async def test_resume_past_500_missed_fills_the_gap_while_live_messages_arrive(
     await page.context.set_offline(True)
     await expect(page.locator(".connection-offline")).to_be_visible()
     server.start()
-    missed_ids = await send_many_over_socket(server, "t1", [f"놓친 {n}" for n in range(620)])
+    missed_ids = await send_over_socket(server, "t1", [f"놓친 {n}" for n in range(620)])
     async with aiohttp.ClientSession(base_url=server.base_url) as http:
         trainer, _, _ = await open_room(http, "pt_1", "t1")  # sees the page's read pointer move
         await page.context.set_offline(False)

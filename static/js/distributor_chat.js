@@ -306,11 +306,10 @@
         // has_more looks back on a first connect, forward on a resume (many missed).
         if (!connection.resumedAfterId) store.hasOlder = frame.has_more
         addMessages(frame.messages)
-        if (connection.resumedAfterId && frame.has_more) {
+        if (connection.resumedAfterId) {
           const last = frame.messages[frame.messages.length - 1]
-          fillGap(last ? last.id : connection.resumedAfterId)
-        } else if (connection.resumedAfterId) {
-          stopFillingGap()
+          if (frame.has_more) fillGap(last ? last.id : connection.resumedAfterId)
+          else stopFillingGap()
         }
         for (const item of store.outbox) if (item.state === 'pending') transmit(item)
         markRead()
