@@ -80,3 +80,10 @@ BEGIN
     UPDATE read_state SET unread_count = unread_count + 1
      WHERE session_id = NEW.session_id AND user_id != NEW.user_id;
 END;
+
+-- Tokens signed out of (a hash, never the token): refused until they would
+-- have expired anyway, then forgotten.
+CREATE TABLE IF NOT EXISTS revoked_tokens (
+    token_hash TEXT PRIMARY KEY,
+    expires_at INTEGER NOT NULL
+) WITHOUT ROWID;

@@ -201,9 +201,12 @@ class Server:
         self.port = free_port()
         log = open(self.log_path, "ab")
         started = time.perf_counter()
+        # Every generated client comes from 127.0.0.1: lift our per-address cap (SPEC 2).
+        ours_only = ["--max-connections-per-ip", "1000000"] if self.kind == "ours" else []
         self.process = subprocess.Popen(
             [sys.executable, str(self.script), "--db", str(self.db_path), "--port", str(self.port),
-             "--secret", self.secret, "--rate-limit", "0", "--no-demo", "--log-level", "warning"],
+             "--secret", self.secret, "--rate-limit", "0", "--no-demo", "--log-level", "warning",
+             *ours_only],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT,
             preexec_fn=_server_preexec)
         log.close()

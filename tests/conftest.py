@@ -182,13 +182,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+LIMIT_OPEN_FILES_THEN_EXEC = """
+import os, resource, sys
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
 class ServerProcess:
     """``python distributor_chat.py`` as a real child process; its output goes to a
     log file beside the database (a pipe nobody reads would block a chatty server)."""
 
-    def __init__(self, db_path: Path, port: int, *extra: str, env: dict | None = None) -> None:
+    def __init__(self, db_path: Path, port: int, *extra: str, env: dict | None = None,
+                 open_file_limit: int | None = None) -> None:
         self.db_path, self.port, self.extra = db_path, port, extra
         self.env = {**os.environ, **(env or {})}
+        self.open_file_limit = open_file_limit  # soft and hard, as `ulimit -n` would set
         self.process: subprocess.Popen | None = None
         self.base_url = f"http://127.0.0.1:{port}"
         self.log_path = db_path.parent / f"server-{port}.log"
@@ -197,11 +207,16 @@ class ServerProcess:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def start(self, timeout_s: float = 10.0) -> "ServerProcess":
+        command = [sys.executable, str(SERVER_SCRIPT), "--db", str(self.db_path), "--port",
+                   str(self.port), "--secret", SECRET, "--no-demo", *self.extra]
+        if self.open_file_limit:
+            # Set in the child before it runs the server (no preexec_fn: it can
+            # deadlock a forked child when the test process has threads).
+            command = [sys.executable, "-c", LIMIT_OPEN_FILES_THEN_EXEC,
+                       str(self.open_file_limit), *command]
         with open(self.log_path, "a", encoding="utf-8") as log_file:
-            self.process = subprocess.Popen(
-                [sys.executable, str(SERVER_SCRIPT), "--db", str(self.db_path), "--port",
-                 str(self.port), "--secret", SECRET, "--no-demo", *self.extra],
-                stdout=log_file, stderr=subprocess.STDOUT, text=True, env=self.env)
+            self.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                            text=True, env=self.env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.output()
@@ -230,11 +245,13 @@ def server_process(tmp_path):
     started: list[ServerProcess] = []
 
     def factory(*extra: str, seed: bool = True, db_path: Path | None = None,
-                port: int | None = None, env: dict | None = None) -> ServerProcess:
+                port: int | None = None, env: dict | None = None,
+                open_file_limit: int | None = None) -> ServerProcess:
         path = db_path or tmp_path / "chat.db"
         if seed and not path.exists():
             seed_gym(make_settings(tmp_path, db_path=path))
-        server = ServerProcess(path, port or free_port(), *extra, env=env)
+        server = ServerProcess(path, port or free_port(), *extra, env=env,
+                               open_file_limit=open_file_limit)
         started.append(server)
         return server.start()
 

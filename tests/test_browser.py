@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from urllib.parse import quote
 
 import aiohttp
+import aiohttp.web
 import pytest
 import pytest_asyncio
 from playwright.async_api import Error as PlaywrightError
@@ -625,3 +626,72 @@ async def test_typing_shows_on_the_other_page(new_context, server):
     # Typing again right after sending starts a new bout: it shows at once.
     await composer(member).press_sequentially("다음")
     await expect(typing).to_be_visible()
+
+
+# ------------------------------------------------ sign-in and sign-out ---
+
+EVIL_PAGES = {
+    "/logout": """<!doctype html><form id="f" method="post" action="{base}/distributor/logout"></form>
+                  <script>document.getElementById('f').submit()</script>""",
+    "/login": """<!doctype html><a id="go" href="{base}/distributor/login?token={token}&next=/distributor/chat?room_id=pt_2">
+                 a free protein shake</a><script>document.getElementById('go').click()</script>""",
+}
+
+
+async def start_evil_site(server, attacker_token: str) -> tuple[aiohttp.web.AppRunner, str]:
+    """Another site (localhost, not 127.0.0.1: another origin and another site)
+    whose pages sign out or sign in whoever opens them."""
+    async def page(request):
+        html = EVIL_PAGES[request.path].format(base=server.base_url, token=attacker_token)
+        return aiohttp.web.Response(text=html, content_type="text/html")
+
+    app = aiohttp.web.Application()
+    for path in EVIL_PAGES:
+        app.router.add_get(path, page)
+    runner = aiohttp.web.AppRunner(app)
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, "localhost", 0)
+    await site.start()
+    return runner, f"http://localhost:{runner.addresses[0][1]}"
+
+
+async def test_another_site_can_neither_sign_a_member_out_nor_in_as_someone_else(
+        new_context, server):
+    """SPEC 3, as the review proved it in Chromium: a foreign page's auto-submitted
+    logout is refused, and its sign-in link only asks (the member stays themselves)."""
+    evil, evil_base = await start_evil_site(server, make_token("m2"))
+    try:
+        page = await open_rooms(new_context, server, "m1")
+        await page.goto(f"{evil_base}/logout")
+        await expect(page.locator("h1")).to_have_text("403")
+        await page.goto(f"{evil_base}/login")
+        await expect(page.locator(".confirm-sign-in")).to_be_visible()
+        await expect(page.locator(".confirm-sign-in")).to_contain_text("Member One")
+        await expect(page.locator(".confirm-sign-in")).to_contain_text("Member Two")
+        await page.goto(f"{server.base_url}/distributor/chat/rooms")
+        await expect(page.locator(".topbar-side")).to_have_text("Member One")
+        # Asked and confirmed on our own page, the link does sign in.
+        await page.go_back()
+        await page.get_by_role("button", name=re.compile("Member Two")).click()
+        await expect(page).to_have_url(re.compile(r"/distributor/chat\?room_id=pt_2$"))
+        await expect(page.locator(".connection-online")).to_be_visible()
+    finally:
+        await evil.cleanup()
+
+
+async def test_sign_out_forgets_unsent_messages_and_the_sign_in_link(new_context, server):
+    """A shared front-desk tablet: after sign-out nothing unsent is left in the
+    browser, and the link in its history no longer signs in (SPEC 3)."""
+    context = await new_context()
+    page = await context.new_page()
+    link = login_url(server, "m1", "/distributor/chat/rooms")
+    await page.goto(link)
+    await expect(page.locator(".rooms-page")).to_be_visible()
+    await page.evaluate("""() => localStorage.setItem('distributor_chat:outbox:pt_1:m1',
+        JSON.stringify([{client_id: 'c1', type: 'chat', content: '비밀 메모'}]))""")
+    await page.get_by_role("button", name="로그아웃").click()
+    await expect(page.locator("h1")).to_have_text("401")
+    assert await outbox_in_storage(page) == "{}"
+    await page.goto(link)
+    await expect(page.locator("h1")).to_have_text("401")
+    assert not [cookie for cookie in await context.cookies() if cookie["name"] == "distributor_token"]

@@ -733,7 +733,9 @@ async def test_reconnect_storm_of_1000_clients_resumes_all_with_nothing_lost_or_
         desks = [ChatClient(c.user_id, c.role, c.room_id, "desk") for c in clients
                  if c.role == "trainer"]
         # The default rate limit stays on: each user sends a few messages.
-        server = server_process(*QUIET, db_path=db_path, seed=False)
+        # 1,500 phones, here all on one address: above the default per-address cap.
+        server = server_process(*QUIET, "--max-connections-per-ip", "4000", db_path=db_path,
+                                seed=False)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
             connected_s = await connect_all(clients, http, server.port)
             await connect_all(desks, http, server.port)

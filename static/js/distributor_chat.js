@@ -126,7 +126,18 @@
     now: Date.now(),
   })
 
-  const outboxKey = `distributor_chat:outbox:${boot.room_id}:${boot.user_id}`
+  const OUTBOX_KEY_PREFIX = 'distributor_chat:outbox:'
+  const outboxKey = `${OUTBOX_KEY_PREFIX}${boot.room_id}:${boot.user_id}`
+
+  // Signing out on a shared front-desk tablet leaves no unsent message behind
+  // for the next person to see or send.
+  function forgetUnsentMessages () {
+    try {
+      const keys = []
+      for (let index = 0; index < localStorage.length; index++) keys.push(localStorage.key(index))
+      keys.filter((key) => key && key.startsWith(OUTBOX_KEY_PREFIX)).forEach((key) => localStorage.removeItem(key))
+    } catch (error) { /* storage disabled: nothing was kept */ }
+  }
 
   function saveOutbox () {
     try {
@@ -760,14 +771,14 @@
         document.removeEventListener('visibilitychange', onVisible)
         window.removeEventListener('online', refresh)
       })
-      return { store, boot, t }
+      return { store, boot, t, forgetUnsentMessages }
     },
     template: `
       <div class="rooms-page">
         <header class="topbar">
           <div class="topbar-main"><h1 class="topbar-title">{{ t('chats') }}</h1></div>
           <span class="topbar-side">{{ boot.name }}</span>
-          <form method="post" :action="boot.logout_path"><button type="submit" class="chip-button">{{ t('logout') }}</button></form>
+          <form method="post" :action="boot.logout_path" @submit="forgetUnsentMessages"><button type="submit" class="chip-button">{{ t('logout') }}</button></form>
         </header>
         <main>
           <ul v-if="store.rooms.length" class="room-list" :aria-label="t('rooms', { n: store.rooms.length })">
