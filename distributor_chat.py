@@ -5,13 +5,14 @@ Personal trainers chat 1:1 with their PT members, one room per PT session
 Live over WebSocket, stored in SQLite, signed in with JWTs.
 
 Sections, top to bottom (``grep -n '# ===' distributor_chat.py``):
-settings, storage, auth, chat hub, HTTP, WebSocket, app, CLI.
+settings, storage, auth, frames, chat hub, HTTP, WebSocket, app, connections, CLI.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -25,7 +26,6 @@ import re
 import secrets
 import signal
 import struct
-import sqlite3
 import sys
 import time
 import weakref
@@ -33,15 +33,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone, tzinfo
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 from urllib.parse import quote, unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 if __name__ == "__main__":
     # The server verifies HS256 only. PyJWT imports cryptography's X.509 stack
-    # whenever it is installed, for asymmetric algorithms we refuse anyway:
-    # 11 MiB of RSS and ~50 ms of startup. Keep it out of the server process
-    # (not of importers such as tests, which may need it themselves).
+    # whenever it is installed, for asymmetric algorithms we refuse anyway, at a
+    # cost in memory and startup time. Keep it out of the server process (not
+    # of importers such as tests, which may need it themselves).
     sys.modules.setdefault("cryptography", None)
 
 import aiohttp_jinja2
@@ -118,7 +118,7 @@ MAX_CONTROL_FRAMES_PER_S = 50
 LISTEN_BACKLOG = 2048
 RATE_BURST_FACTOR = 4
 # Objects allocated between young collections (CPython's default: 700). Under
-# load the default ran a full collection every 0.7 s, 50-90 ms each.
+# load the default runs a full collection many times a minute, each a pause.
 GC_YOUNG_THRESHOLD = 10_000
 TYPING_RELAY_INTERVAL_S = 0.5
 ADMIN_POLL_INTERVAL_S = 1.0
@@ -171,28 +171,6 @@ def utc_now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def local_minute_formatter(zone: tzinfo | None) -> Callable[[str | None], str | None]:
-    """'YYYY-MM-DD HH:MM' in the zone for an ISO UTC time (NULL stays NULL); the
-    room list's SQL calls it once per room. Zones shift by whole minutes, so the
-    UTC minute decides it, and a plain dict caches it: SQLite calls back through
-    the GIL, and a lighter callback halved the list query (2.0 -> 1.0 ms, 300 rooms)."""
-    formatted: dict[str, str] = {}
-
-    def local_minute(iso_utc: str | None) -> str | None:
-        if iso_utc is None:
-            return None
-        utc_minute = iso_utc[:16]
-        text = formatted.get(utc_minute)
-        if text is None:
-            if len(formatted) >= 4096:  # bounded: a long-running server sees new minutes
-                formatted.clear()
-            moment = datetime.fromisoformat(utc_minute + ":00+00:00")
-            text = formatted[utc_minute] = moment.astimezone(zone).strftime("%Y-%m-%d %H:%M")
-        return text
-
-    return local_minute
-
-
 # Line breaks and other control characters (C0, DEL, C1, Unicode's line and
 # paragraph separators), and the backslash that escapes them.
 LOG_UNSAFE_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\\]")
@@ -224,29 +202,29 @@ def session_id_of(room_id: str) -> int | None:
 
 # =========================================================== storage ===
 #
+# Everything that knows the database is here: the sections below talk to one
+# Storage (the app's, or a management command's) and never to a driver.
+#
 # One writer task owns the only write connection: handlers queue a Write and
 # are answered after COMMIT, many writes sharing one transaction. Reads use a
 # second connection (WAL), so they never see an uncommitted batch.
+#
+# The statements below are shared by every engine; what only SQLite says (JSON
+# built in SQL, PRAGMAs, BEGIN IMMEDIATE, its error classes) belongs to
+# SqliteEngine, the seam another engine plugs into.
 
-SCHEMA_SQL = SCHEMA_PATH.read_text(encoding="utf-8")
+import sqlite3  # noqa: E402  (the one section that knows the driver)
 
-PRAGMAS_SQL = """
-    PRAGMA journal_mode = WAL;
-    PRAGMA synchronous = FULL;
-    PRAGMA foreign_keys = ON;
-"""
-WRITER_BUSY_TIMEOUT_MS = 1000
-READER_BUSY_TIMEOUT_MS = 2000
-CLI_BUSY_TIMEOUT_S = 5.0
 WRITE_BATCH_MAX = 256
 WRITE_QUEUE_MAX = 10_000
 
-BEGIN_IMMEDIATE = "BEGIN IMMEDIATE"
 COMMIT = "COMMIT"
 ROLLBACK = "ROLLBACK"
 
 SELECT_SECRET = "SELECT value FROM meta WHERE key = 'jwt_secret'"
-INSERT_SECRET = "INSERT OR IGNORE INTO meta (key, value) VALUES ('jwt_secret', :secret)"
+INSERT_SECRET = """
+    INSERT INTO meta (key, value) VALUES ('jwt_secret', :secret) ON CONFLICT (key) DO NOTHING
+"""
 SELECT_ADMIN_VERSION = "SELECT value FROM meta WHERE key = 'admin_version'"
 BUMP_ADMIN_VERSION = """
     INSERT INTO meta (key, value) VALUES ('admin_version', '1')
@@ -305,25 +283,6 @@ SELECT_PARTICIPANTS = """
      ORDER BY u.role = 'member'
 """
 
-# Each row is one room already as JSON text: SQLite builds the objects in C, so
-# a 300-room list costs no Python dict per room and no json.dumps. local_minute()
-# is registered on the read connection (it needs the configured zone).
-_ROOM_LIST_JSON = """
-    SELECT json_object('id', 'pt_' || s.id, 'member_name', m.name, 'trainer_name', t.name,
-                       'last_activity', local_minute(coalesce(last.created_at, s.created_at)),
-                       'last_message', last.content,
-                       'unread_count', coalesce(r.unread_count, 0),
-                       'status', s.status) AS room_json
-      FROM pt_sessions s
-      JOIN users t ON t.id = s.trainer_id
-      JOIN users m ON m.id = s.member_id
-      LEFT JOIN messages last ON last.id = s.last_message_id
-      LEFT JOIN read_state r ON r.session_id = s.id AND r.user_id = :user_id
-"""
-_NEWEST_ROOM_FIRST = " ORDER BY coalesce(last.created_at, s.created_at) DESC, s.id DESC"
-SELECT_ROOMS_OF_TRAINER = _ROOM_LIST_JSON + " WHERE s.trainer_id = :user_id" + _NEWEST_ROOM_FIRST
-SELECT_ROOMS_OF_MEMBER = _ROOM_LIST_JSON + " WHERE s.member_id = :user_id" + _NEWEST_ROOM_FIRST
-
 _MESSAGE_COLUMNS = """
     SELECT m.id, m.session_id, m.user_id, u.name AS sender_name, m.type, m.content,
            m.client_id, m.created_at
@@ -339,54 +298,6 @@ SELECT_MESSAGES_AFTER = _MESSAGE_COLUMNS + """
      WHERE m.session_id = :session_id AND m.id > :after_id ORDER BY m.id LIMIT :limit
 """
 
-# A socket's first history, cut near HISTORY_MAX_BYTES inside SQLite, so a
-# resume over hundreds of long messages never brings them all into Python
-# (500 messages of 2,000 emoji: 2.4 ms instead of 11). `sized` measures the
-# content nearest the client first; the rows go up to the first one whose
-# running total reaches :max_bytes, so the caller sees that more lie beyond.
-SELECT_HISTORY_AFTER = """
-    WITH sized AS (
-        SELECT id, sum(length(CAST(content AS BLOB))) OVER (ORDER BY id) AS bytes_through
-          FROM messages WHERE session_id = :session_id AND id > :after_id
-         ORDER BY id LIMIT :limit)
-    SELECT m.id, m.session_id, m.user_id, u.name AS sender_name, m.type, m.content,
-           m.client_id, m.created_at, sized.bytes_through
-      FROM sized JOIN messages m ON m.id = sized.id JOIN users u ON u.id = m.user_id
-     WHERE sized.id <= coalesce((SELECT min(id) FROM sized WHERE bytes_through >= :max_bytes),
-                                sized.id)
-     ORDER BY m.id
-"""
-SELECT_HISTORY_LATEST = """
-    WITH sized AS (
-        SELECT id, sum(length(CAST(content AS BLOB))) OVER (ORDER BY id DESC) AS bytes_through
-          FROM messages WHERE session_id = :session_id
-         ORDER BY id DESC LIMIT :limit)
-    SELECT m.id, m.session_id, m.user_id, u.name AS sender_name, m.type, m.content,
-           m.client_id, m.created_at, sized.bytes_through
-      FROM sized JOIN messages m ON m.id = sized.id JOIN users u ON u.id = m.user_id
-     WHERE sized.id >= coalesce((SELECT max(id) FROM sized WHERE bytes_through >= :max_bytes),
-                                sized.id)
-     ORDER BY m.id DESC
-"""
-
-# A whole batch of chats in one statement (one trip to the writer's thread):
-# :batch is a JSON array of {session_id, user_id, content, client_id,
-# created_at}. Rows whose room is closed or not the sender's, and resent
-# client_ids, are skipped; ids follow the array's order.
-INSERT_CHAT_MESSAGES = """
-    INSERT INTO messages (session_id, user_id, type, content, client_id, created_at)
-    SELECT json_extract(chat.value, '$.session_id'), json_extract(chat.value, '$.user_id'), 'chat',
-           json_extract(chat.value, '$.content'), json_extract(chat.value, '$.client_id'),
-           json_extract(chat.value, '$.created_at')
-      FROM json_each(:batch) AS chat
-     WHERE EXISTS (SELECT 1 FROM pt_sessions AS room
-                    WHERE room.id = json_extract(chat.value, '$.session_id')
-                      AND room.status = 'active'
-                      AND json_extract(chat.value, '$.user_id') IN (room.trainer_id, room.member_id))
-     ORDER BY chat.key
-    ON CONFLICT (session_id, user_id, client_id) DO NOTHING
-    RETURNING id, session_id, user_id, client_id
-"""
 SELECT_MESSAGE_BY_CLIENT_ID = """
     SELECT id, created_at FROM messages
      WHERE session_id = :session_id AND user_id = :user_id AND client_id = :client_id
@@ -427,7 +338,8 @@ UPDATE_READ_POINTER = """
 
 
 class StorageUnavailable(Exception):
-    """Storage could not take a write (locked, full, read-only, busy)."""
+    """Storage could not take a read or a write (locked, full, read-only, busy):
+    nothing was stored; the caller may try again later."""
 
 
 class RoomClosed(Exception):
@@ -454,10 +366,180 @@ class StoredSpread:
     message_ids_by_session: dict[int, int] = field(default_factory=dict)
 
 
+def local_minute_formatter(zone: tzinfo | None) -> Callable[[str | None], str | None]:
+    """'YYYY-MM-DD HH:MM' in the zone for an ISO UTC time (NULL stays NULL); the
+    room list's SQL calls it once per room. Zones shift by whole minutes, so the
+    UTC minute decides it, and a plain dict caches it: SQLite calls back through
+    the GIL, so the callback must be light."""
+    formatted: dict[str, str] = {}
+
+    def local_minute(iso_utc: str | None) -> str | None:
+        if iso_utc is None:
+            return None
+        utc_minute = iso_utc[:16]
+        text = formatted.get(utc_minute)
+        if text is None:
+            if len(formatted) >= 4096:  # bounded: a long-running server sees new minutes
+                formatted.clear()
+            moment = datetime.fromisoformat(utc_minute + ":00+00:00")
+            text = formatted[utc_minute] = moment.astimezone(zone).strftime("%Y-%m-%d %H:%M")
+        return text
+
+    return local_minute
+
+
+class SqliteEngine:
+    """What only SQLite says. A connection runs the shared statements as they
+    are (named parameters); the few that SQLite alone accepts are here."""
+
+    name = "sqlite"
+    # Take the write lock when the transaction begins, so a batch never fails
+    # half-way on a lock another process holds.
+    BEGIN = "BEGIN IMMEDIATE"
+    PRAGMAS = """
+        PRAGMA journal_mode = WAL;
+        PRAGMA synchronous = FULL;
+        PRAGMA foreign_keys = ON;
+    """
+    SCHEMA = SCHEMA_PATH.read_text(encoding="utf-8")
+    WRITER_BUSY_TIMEOUT_MS = 1000
+    READER_BUSY_TIMEOUT_MS = 2000
+    unavailable_errors: tuple[type[Exception], ...] = (sqlite3.Error,)  # locked, full, I/O
+    refused_errors: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)  # this write only
+
+    # Each row is one room already as JSON text: SQLite builds the objects in C, so
+    # a 300-room list costs no Python dict per room and no json.dumps. local_minute()
+    # is registered on the read connection (it needs the configured zone).
+    _ROOM_LIST_JSON = """
+        SELECT json_object('id', 'pt_' || s.id, 'member_name', m.name, 'trainer_name', t.name,
+                           'last_activity', local_minute(coalesce(last.created_at, s.created_at)),
+                           'last_message', last.content,
+                           'unread_count', coalesce(r.unread_count, 0),
+                           'status', s.status) AS room_json
+          FROM pt_sessions s
+          JOIN users t ON t.id = s.trainer_id
+          JOIN users m ON m.id = s.member_id
+          LEFT JOIN messages last ON last.id = s.last_message_id
+          LEFT JOIN read_state r ON r.session_id = s.id AND r.user_id = :user_id
+    """
+    _NEWEST_ROOM_FIRST = " ORDER BY coalesce(last.created_at, s.created_at) DESC, s.id DESC"
+    SELECT_ROOMS_OF_TRAINER = _ROOM_LIST_JSON + " WHERE s.trainer_id = :user_id" + _NEWEST_ROOM_FIRST
+    SELECT_ROOMS_OF_MEMBER = _ROOM_LIST_JSON + " WHERE s.member_id = :user_id" + _NEWEST_ROOM_FIRST
+
+    # A socket's first history, cut near HISTORY_MAX_BYTES inside SQLite, so a
+    # resume over hundreds of long messages never brings them all into Python.
+    # `sized` measures the content nearest the client first; the rows go up to
+    # the first one whose running total reaches :max_bytes, so the caller sees
+    # that more lie beyond.
+    SELECT_HISTORY_AFTER = """
+        WITH sized AS (
+            SELECT id, sum(length(CAST(content AS BLOB))) OVER (ORDER BY id) AS bytes_through
+              FROM messages WHERE session_id = :session_id AND id > :after_id
+             ORDER BY id LIMIT :limit)
+        SELECT m.id, m.session_id, m.user_id, u.name AS sender_name, m.type, m.content,
+               m.client_id, m.created_at, sized.bytes_through
+          FROM sized JOIN messages m ON m.id = sized.id JOIN users u ON u.id = m.user_id
+         WHERE sized.id <= coalesce((SELECT min(id) FROM sized WHERE bytes_through >= :max_bytes),
+                                    sized.id)
+         ORDER BY m.id
+    """
+    SELECT_HISTORY_LATEST = """
+        WITH sized AS (
+            SELECT id, sum(length(CAST(content AS BLOB))) OVER (ORDER BY id DESC) AS bytes_through
+              FROM messages WHERE session_id = :session_id
+             ORDER BY id DESC LIMIT :limit)
+        SELECT m.id, m.session_id, m.user_id, u.name AS sender_name, m.type, m.content,
+               m.client_id, m.created_at, sized.bytes_through
+          FROM sized JOIN messages m ON m.id = sized.id JOIN users u ON u.id = m.user_id
+         WHERE sized.id >= coalesce((SELECT max(id) FROM sized WHERE bytes_through >= :max_bytes),
+                                    sized.id)
+         ORDER BY m.id DESC
+    """
+
+    # A whole batch of chats in one statement (one trip to the writer's thread):
+    # :batch is a JSON array of {session_id, user_id, content, client_id,
+    # created_at}. Rows whose room is closed or not the sender's, and resent
+    # client_ids, are skipped; ids follow the array's order.
+    INSERT_CHAT_MESSAGES = """
+        INSERT INTO messages (session_id, user_id, type, content, client_id, created_at)
+        SELECT json_extract(chat.value, '$.session_id'), json_extract(chat.value, '$.user_id'), 'chat',
+               json_extract(chat.value, '$.content'), json_extract(chat.value, '$.client_id'),
+               json_extract(chat.value, '$.created_at')
+          FROM json_each(:batch) AS chat
+         WHERE EXISTS (SELECT 1 FROM pt_sessions AS room
+                        WHERE room.id = json_extract(chat.value, '$.session_id')
+                          AND room.status = 'active'
+                          AND json_extract(chat.value, '$.user_id') IN (room.trainer_id, room.member_id))
+         ORDER BY chat.key
+        ON CONFLICT (session_id, user_id, client_id) DO NOTHING
+        RETURNING id, session_id, user_id, client_id
+    """
+
+    def __init__(self, db_path: Path, zone: tzinfo | None) -> None:
+        self.db_path = db_path
+        self.zone = zone
+
+    async def connect_writer(self, *, busy_timeout_ms: int = WRITER_BUSY_TIMEOUT_MS) -> aiosqlite.Connection:
+        """The write connection, with the schema applied (idempotent)."""
+        db = await aiosqlite.connect(self.db_path, isolation_level=None)
+        try:
+            db.row_factory = sqlite3.Row
+            await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            await db.executescript(self.PRAGMAS + self.SCHEMA)
+        except BaseException:
+            await db.close()
+            raise
+        return db
+
+    async def connect_reader(self) -> aiosqlite.Connection:
+        """A read-only connection; the room list's times are formatted in SQL."""
+        db = await aiosqlite.connect(self.db_path, isolation_level=None)
+        try:
+            db.row_factory = sqlite3.Row
+            await db.create_function("local_minute", 1, local_minute_formatter(self.zone),
+                                     deterministic=True)
+            await db.execute(f"PRAGMA busy_timeout = {self.READER_BUSY_TIMEOUT_MS}")
+            await db.execute("PRAGMA query_only = ON")
+        except BaseException:
+            await db.close()
+            raise
+        return db
+
+    @staticmethod
+    def chat_batch(params_list: list[dict]) -> str:
+        return json.dumps(params_list, ensure_ascii=False)
+
+
+class Transaction:
+    """Statements inside one open transaction, the way every engine runs them:
+    the writer's batches and the management commands' changes alike."""
+
+    def __init__(self, db: aiosqlite.Connection, engine: SqliteEngine) -> None:
+        self.db = db
+        self.engine = engine
+
+    async def fetch_all(self, sql: str, params: dict | None = None) -> list:
+        return list(await self.db.execute_fetchall(sql, params or {}))
+
+    async def fetch_one(self, sql: str, params: dict | None = None) -> Any:
+        rows = await self.fetch_all(sql, params)
+        return rows[0] if rows else None
+
+    async def execute(self, sql: str, params: dict | None = None) -> int:
+        """Run a statement; how many rows it changed."""
+        cursor = await self.db.execute(sql, params or {})
+        return cursor.rowcount
+
+    async def insert_chats(self, params_list: list[dict]) -> list:
+        """Store a run of chats in one statement: (id, session_id, user_id, client_id) rows."""
+        return await self.fetch_all(self.engine.INSERT_CHAT_MESSAGES,
+                                    {"batch": self.engine.chat_batch(params_list)})
+
+
 Outcome = tuple[bool, Any]  # (stored?, the stored result or the exception)
 
 
-async def _outcome(store: Awaitable) -> Outcome:
+async def _outcome(tx: Transaction, store: Awaitable) -> Outcome:
     """A write refused on its own fails alone; storage-wide errors end the batch.
     Each write is one statement (or reads, then one statement), so a refused
     one leaves nothing behind."""
@@ -465,26 +547,22 @@ async def _outcome(store: Awaitable) -> Outcome:
         return True, await store
     except (RoomClosed, NotParticipant) as error:
         return False, error
-    except sqlite3.IntegrityError as error:
+    except tx.engine.refused_errors as error:
         log.warning("write refused error=%s", error)
         return False, StorageUnavailable(str(error))
 
 
-def one_by_one(store_one: Callable[[aiosqlite.Connection, dict], Awaitable]) -> Callable:
+def one_by_one(store_one: Callable[[Transaction, dict], Awaitable]) -> Callable:
     """A store function for the writer, which hands over runs of writes."""
-    async def store_each(db: aiosqlite.Connection, params_list: list[dict]) -> list[Outcome]:
-        return [await _outcome(store_one(db, params)) for params in params_list]
+    async def store_each(tx: Transaction, params_list: list[dict]) -> list[Outcome]:
+        return [await _outcome(tx, store_one(tx, params)) for params in params_list]
     store_each.__name__ = f"{store_one.__name__}_each"
     return store_each
 
 
-def chat_batch_json(params_list: list[dict]) -> str:
-    return json.dumps(params_list, ensure_ascii=False)
-
-
-async def store_chats(db: aiosqlite.Connection, params_list: list[dict]) -> list[Outcome]:
+async def store_chats(tx: Transaction, params_list: list[dict]) -> list[Outcome]:
     """Many chats in one statement; the few it skipped, one by one."""
-    rows = await db.execute_fetchall(INSERT_CHAT_MESSAGES, {"batch": chat_batch_json(params_list)})
+    rows = await tx.insert_chats(params_list)
     new_ids = {(session_id, user_id, client_id): message_id
                for message_id, session_id, user_id, client_id in rows}
     outcomes = []
@@ -492,22 +570,22 @@ async def store_chats(db: aiosqlite.Connection, params_list: list[dict]) -> list
         # pop: a client_id sent twice in one batch is new once, then a resend.
         message_id = new_ids.pop((params["session_id"], params["user_id"], params["client_id"]), None)
         if message_id is None:
-            outcomes.append(await _outcome(_resent_or_refused(db, params)))
+            outcomes.append(await _outcome(tx, _resent_or_refused(tx, params)))
         else:
             outcomes.append((True, StoredMessage(message_id, params["created_at"], is_duplicate=False)))
     return outcomes
 
 
-async def _resent_or_refused(db: aiosqlite.Connection, params: dict) -> StoredMessage:
-    earlier = await db.execute_fetchall(SELECT_MESSAGE_BY_CLIENT_ID, params)
+async def _resent_or_refused(tx: Transaction, params: dict) -> StoredMessage:
+    earlier = await tx.fetch_all(SELECT_MESSAGE_BY_CLIENT_ID, params)
     if earlier:
         return StoredMessage(earlier[0][0], earlier[0][1], is_duplicate=True)
-    raise await _refusal(db, params) or RoomClosed()
+    raise await _refusal(tx, params) or RoomClosed()
 
 
-async def _refusal(db: aiosqlite.Connection, params: dict) -> Exception | None:
+async def _refusal(tx: Transaction, params: dict) -> Exception | None:
     """Why the sender's room takes no message now, or None when it does."""
-    rows = await db.execute_fetchall(SELECT_ROOM_STATUS, params)
+    rows = await tx.fetch_all(SELECT_ROOM_STATUS, params)
     if not rows or not rows[0][1]:
         return NotParticipant()
     if rows[0][0] != "active":
@@ -515,32 +593,32 @@ async def _refusal(db: aiosqlite.Connection, params: dict) -> Exception | None:
     return None
 
 
-async def store_spread(db: aiosqlite.Connection, params: dict) -> StoredSpread:
-    earlier = await db.execute_fetchall(SELECT_MESSAGE_BY_CLIENT_ID, params)
+async def store_spread(tx: Transaction, params: dict) -> StoredSpread:
+    earlier = await tx.fetch_all(SELECT_MESSAGE_BY_CLIENT_ID, params)
     if earlier:
-        room_count = (await db.execute_fetchall(COUNT_SPREAD_ROOMS, params))[0][0]
+        room_count = (await tx.fetch_all(COUNT_SPREAD_ROOMS, params))[0][0]
         return StoredSpread(earlier[0][0], earlier[0][1], room_count, is_duplicate=True)
-    refusal = await _refusal(db, params)
+    refusal = await _refusal(tx, params)
     if refusal is not None:
         raise refusal
     # The sender's room is active and theirs, so the insert below includes it.
-    rows = await db.execute_fetchall(INSERT_SPREAD_MESSAGES, params)
+    rows = await tx.fetch_all(INSERT_SPREAD_MESSAGES, params)
     message_ids_by_session = {session_id: message_id for message_id, session_id in rows}
     return StoredSpread(
         message_ids_by_session[params["session_id"]], params["created_at"],
         len(rows), is_duplicate=False, message_ids_by_session=message_ids_by_session)
 
 
-async def store_read(db: aiosqlite.Connection, params: dict) -> int | None:
+async def store_read(tx: Transaction, params: dict) -> int | None:
     """The new read pointer, or None when it did not move."""
-    rows = await db.execute_fetchall(UPDATE_READ_POINTER, params)
+    rows = await tx.fetch_all(UPDATE_READ_POINTER, params)
     return rows[0][0] if rows else None
 
 
-async def store_revocation(db: aiosqlite.Connection, params: dict) -> None:
+async def store_revocation(tx: Transaction, params: dict) -> None:
     """Refuse a token from now until its exp; forget the ones already past theirs."""
-    await db.execute(INSERT_REVOKED_TOKEN, params)
-    await db.execute(DELETE_EXPIRED_REVOCATIONS, {"now": int(time.time())})
+    await tx.execute(INSERT_REVOKED_TOKEN, params)
+    await tx.execute(DELETE_EXPIRED_REVOCATIONS, {"now": int(time.time())})
 
 
 store_spreads = one_by_one(store_spread)
@@ -550,7 +628,7 @@ store_revocations = one_by_one(store_revocation)
 
 @dataclass(slots=True)
 class Write:
-    store: Callable[[aiosqlite.Connection, list[dict]], Awaitable[list[Outcome]]]
+    store: Callable[[Transaction, list[dict]], Awaitable[list[Outcome]]]
     params: dict
     done: asyncio.Future
 
@@ -561,8 +639,8 @@ _STOP_WRITER = object()
 class Writer:
     """The only task that writes: group commit, answers only after COMMIT."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self.db = db
+    def __init__(self, tx: Transaction) -> None:
+        self.tx = tx
         self.queue: asyncio.Queue = asyncio.Queue(WRITE_QUEUE_MAX)
         self.task: asyncio.Task | None = None
         self.is_stopping = False
@@ -589,29 +667,28 @@ class Writer:
             await self.task
 
     async def run(self) -> None:
-        is_running = True
-        while is_running:
-            first = await self.queue.get()
-            if first is _STOP_WRITER:
-                break
-            batch = [first]
-            while len(batch) < WRITE_BATCH_MAX and not self.queue.empty():
-                write = self.queue.get_nowait()
-                if write is _STOP_WRITER:
-                    is_running = False
-                    break
-                batch.append(write)
-            try:
-                await self.commit_batch(batch)
-            except Exception as error:  # a bug must not stop every later write
-                log.exception("writer failed batch=%d", len(batch))
-                await self._rollback()
-                _fail_all(batch, StorageUnavailable(str(error)))
+        while True:
+            # Everything already waiting joins the batch, up to the stop mark.
+            taken = [await self.queue.get()]
+            while len(taken) < WRITE_BATCH_MAX and not self.queue.empty() \
+                    and taken[-1] is not _STOP_WRITER:
+                taken.append(self.queue.get_nowait())
+            batch = [write for write in taken if write is not _STOP_WRITER]
+            if batch:
+                try:
+                    await self.commit_batch(batch)
+                except Exception as error:  # a bug must not stop every later write
+                    log.exception("writer failed batch=%d", len(batch))
+                    await self.rollback()
+                    _fail_all(batch, StorageUnavailable(str(error)))
+            if taken[-1] is _STOP_WRITER:
+                return
 
     async def commit_batch(self, batch: list[Write]) -> None:
+        unavailable = self.tx.engine.unavailable_errors
         try:
-            await self.db.execute(BEGIN_IMMEDIATE)
-        except sqlite3.Error as error:
+            await self.tx.execute(self.tx.engine.BEGIN)
+        except unavailable as error:
             log.warning("write refused batch=%d error=%s", len(batch), error)
             _fail_all(batch, StorageUnavailable(str(error)))
             return
@@ -619,11 +696,11 @@ class Writer:
         try:
             # Runs of the same kind go together: a run of chats is one statement.
             for store, run in itertools.groupby(batch, key=lambda write: write.store):
-                outcomes += await store(self.db, [write.params for write in run])
-            await self.db.execute(COMMIT)
-        except sqlite3.Error as error:
+                outcomes += await store(self.tx, [write.params for write in run])
+            await self.tx.execute(COMMIT)
+        except unavailable as error:
             log.warning("write rolled back batch=%d error=%s", len(batch), error)
-            await self._rollback()
+            await self.rollback()
             _fail_all(batch, StorageUnavailable(str(error)))
             return
         for write, (is_ok, value) in zip(batch, outcomes):
@@ -634,11 +711,11 @@ class Writer:
             else:
                 write.done.set_exception(value)
 
-    async def _rollback(self) -> None:
+    async def rollback(self) -> None:
         try:
-            await self.db.execute(ROLLBACK)
-        except sqlite3.Error:
-            pass  # SQLite already rolled back (e.g. after SQLITE_FULL)
+            await self.tx.execute(ROLLBACK)
+        except self.tx.engine.unavailable_errors:
+            pass  # already rolled back (SQLite does after SQLITE_FULL)
 
 
 def _fail_all(batch: list[Write], error: Exception) -> None:
@@ -647,66 +724,136 @@ def _fail_all(batch: list[Write], error: Exception) -> None:
             write.done.set_exception(error)
 
 
-async def open_read_connection(db_path: Path, zone: tzinfo | None) -> aiosqlite.Connection:
-    db = await aiosqlite.connect(db_path, isolation_level=None)
-    db.row_factory = sqlite3.Row
-    await db.create_function("local_minute", 1, local_minute_formatter(zone), deterministic=True)
-    await db.execute(f"PRAGMA busy_timeout = {READER_BUSY_TIMEOUT_MS}")
-    await db.execute("PRAGMA query_only = ON")
-    return db
+class Storage:
+    """The database as the rest of the file sees it: reads on a connection of
+    their own, writes through the writer, a management command's change in one
+    transaction. A driver's error comes out as StorageUnavailable."""
 
+    def __init__(self, engine: SqliteEngine, read_db: aiosqlite.Connection,
+                 write_db: aiosqlite.Connection) -> None:
+        self.engine = engine
+        self.read_db = read_db
+        self.writer = Writer(Transaction(write_db, engine))
 
-async def open_write_connection(db_path: Path) -> aiosqlite.Connection:
-    db = await aiosqlite.connect(db_path, isolation_level=None)
-    await db.execute(f"PRAGMA busy_timeout = {WRITER_BUSY_TIMEOUT_MS}")
-    await db.executescript(PRAGMAS_SQL + SCHEMA_SQL)
-    return db
+    @classmethod
+    async def open(cls, settings: Settings, *,
+                   busy_timeout_ms: int = SqliteEngine.WRITER_BUSY_TIMEOUT_MS) -> Storage:
+        """Both connections, the schema applied; nothing left open on failure."""
+        engine = SqliteEngine(settings.db_path, settings.tz)
+        try:
+            write_db = await engine.connect_writer(busy_timeout_ms=busy_timeout_ms)
+            try:
+                read_db = await engine.connect_reader()
+            except BaseException:
+                await write_db.close()
+                raise
+        except engine.unavailable_errors as error:
+            raise StorageUnavailable(f"cannot open the database {settings.db_path}: {error}") from None
+        return cls(engine, read_db, write_db)
 
+    async def close(self) -> None:
+        await self.read_db.close()  # an unclosed aiosqlite thread blocks exit
+        await self.writer.tx.db.close()
 
-async def fetch_messages(db: aiosqlite.Connection, session_id: int, *, before_id: int | None = None,
-                         after_id: int | None = None, limit: int) -> tuple[list[dict], bool]:
-    """Up to ``limit`` messages ascending, and whether more lie in the direction read."""
-    params = {"session_id": session_id, "before_id": before_id, "after_id": after_id,
-              "limit": limit + 1}
-    if after_id is not None:
-        rows = list(await db.execute_fetchall(SELECT_MESSAGES_AFTER, params))
-        has_more = len(rows) > limit
-        rows = rows[:limit]
-    else:
+    def submit(self, store: Callable, params: dict) -> asyncio.Future:
+        return self.writer.submit(store, params)
+
+    async def _read(self, sql: str, params: dict | None = None) -> list:
+        try:
+            return list(await self.read_db.execute_fetchall(sql, params or {}))
+        except self.engine.unavailable_errors as error:
+            raise StorageUnavailable(str(error)) from None
+
+    async def _read_one(self, sql: str, params: dict | None = None) -> Any:
+        rows = await self._read(sql, params)
+        return rows[0] if rows else None
+
+    async def check(self) -> None:
+        """Raises StorageUnavailable unless the database answers."""
+        await self._read(SELECT_HEALTH)
+
+    async def user(self, user_id: str) -> Any:
+        return await self._read_one(SELECT_USER, {"user_id": user_id})
+
+    async def user_for_token(self, user_id: str, token_hash: str) -> Any:
+        return await self._read_one(SELECT_USER_FOR_TOKEN,
+                                    {"user_id": user_id, "token_hash": token_hash})
+
+    async def room(self, session_id: int) -> Any:
+        return await self._read_one(SELECT_ROOM, {"session_id": session_id})
+
+    async def participants(self, session_id: int) -> list:
+        return await self._read(SELECT_PARTICIPANTS, {"session_id": session_id})
+
+    async def room_list_json(self, user_id: str, *, is_trainer: bool) -> str:
+        """The user's rooms, newest activity first, as a JSON array."""
+        query = self.engine.SELECT_ROOMS_OF_TRAINER if is_trainer \
+            else self.engine.SELECT_ROOMS_OF_MEMBER
+        rows = await self._read(query, {"user_id": user_id})
+        return "[" + ",".join(row[0] for row in rows) + "]"
+
+    async def messages(self, session_id: int, *, before_id: int | None = None,
+                       after_id: int | None = None, limit: int) -> tuple[list, bool]:
+        """Up to ``limit`` message rows ascending, and whether more lie in the direction read."""
+        params = {"session_id": session_id, "before_id": before_id, "after_id": after_id,
+                  "limit": limit + 1}
+        if after_id is not None:
+            rows = await self._read(SELECT_MESSAGES_AFTER, params)
+            return rows[:limit], len(rows) > limit
         query = SELECT_MESSAGES_LATEST if before_id is None else SELECT_MESSAGES_BEFORE
-        rows = list(await db.execute_fetchall(query, params))
-        has_more = len(rows) > limit
-        rows = rows[:limit][::-1]
-    return [message_from_row(row) for row in rows], has_more
+        rows = await self._read(query, params)
+        return rows[:limit][::-1], len(rows) > limit
 
+    async def history(self, session_id: int, after_id: int | None) -> tuple[list, bool]:
+        """A socket's first message rows, ascending: those after ``after_id`` (at
+        most HISTORY_RESUME_MAX), else the latest HISTORY_LATEST_COUNT; and about
+        HISTORY_MAX_BYTES of content at most. has_more when more lie beyond."""
+        limit = HISTORY_LATEST_COUNT if after_id is None else HISTORY_RESUME_MAX
+        params = {"session_id": session_id, "after_id": after_id, "limit": limit + 1,
+                  "max_bytes": HISTORY_MAX_BYTES}
+        query = self.engine.SELECT_HISTORY_LATEST if after_id is None \
+            else self.engine.SELECT_HISTORY_AFTER
+        rows = await self._read(query, params)
+        has_more = len(rows) > limit or bool(rows) and rows[-1]["bytes_through"] >= HISTORY_MAX_BYTES
+        rows = rows[:limit]
+        return (rows[::-1] if after_id is None else rows), has_more
 
-async def fetch_history(db: aiosqlite.Connection, session_id: int,
-                        after_id: int | None) -> tuple[list[dict], bool]:
-    """A socket's first messages, ascending: those after ``after_id`` (at most
-    HISTORY_RESUME_MAX), else the latest HISTORY_LATEST_COUNT; and about
-    HISTORY_MAX_BYTES of content at most. has_more when more lie beyond."""
-    limit = HISTORY_LATEST_COUNT if after_id is None else HISTORY_RESUME_MAX
-    params = {"session_id": session_id, "after_id": after_id, "limit": limit + 1,
-              "max_bytes": HISTORY_MAX_BYTES}
-    query = SELECT_HISTORY_LATEST if after_id is None else SELECT_HISTORY_AFTER
-    rows = list(await db.execute_fetchall(query, params))
-    has_more = len(rows) > limit or bool(rows) and rows[-1]["bytes_through"] >= HISTORY_MAX_BYTES
-    rows = rows[:limit]
-    if after_id is None:
-        rows.reverse()
-    return [message_from_row(row) for row in rows], has_more
+    async def admin_version(self) -> Any:
+        row = await self._read_one(SELECT_ADMIN_VERSION)
+        return row[0] if row else None
 
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """BEGIN … COMMIT on the write connection, or ROLLBACK on any error: all
+        or nothing. For management commands and start-up, where no writer runs."""
+        tx = self.writer.tx
+        try:
+            await tx.execute(self.engine.BEGIN)
+        except self.engine.unavailable_errors as error:
+            raise StorageUnavailable(str(error)) from None
+        try:
+            yield tx
+            await tx.execute(COMMIT)
+        except self.engine.unavailable_errors as error:
+            await self.writer.rollback()
+            raise StorageUnavailable(str(error)) from None
+        except BaseException:
+            await self.writer.rollback()
+            raise
 
-def message_from_row(row: sqlite3.Row) -> dict:
-    return message_frame(row["type"], row["id"], row["session_id"], row["user_id"],
-                         row["sender_name"], row["content"], row["created_at"], row["client_id"])
+    @contextlib.asynccontextmanager
+    async def admin_change(self) -> AsyncIterator[Transaction]:
+        """A management change, all or nothing; a running server notices it
+        within 2 s, since it polls the admin_version this bumps."""
+        async with self.transaction() as tx:
+            yield tx
+            await tx.execute(BUMP_ADMIN_VERSION)
 
-
-def message_frame(message_type: str, message_id: int, session_id: int, user_id: str,
-                  sender_name: str, content: str, created_at: str, client_id: str) -> dict:
-    return {"type": message_type, "id": message_id, "room_id": room_id_of(session_id),
-            "user_id": user_id, "sender_name": sender_name, "content": content,
-            "created_at": created_at, "client_id": client_id}
+    async def secret(self) -> str:
+        """The JWT key kept in the database, made on first use."""
+        async with self.transaction() as tx:
+            await tx.execute(INSERT_SECRET, {"secret": secrets.token_urlsafe(32)})
+            return (await tx.fetch_one(SELECT_SECRET))[0]
 
 
 # ============================================================== auth ===
@@ -772,16 +919,14 @@ def token_hash_of(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-async def identity_from_token(db: aiosqlite.Connection, token: str | None, secret: str) -> Identity:
+async def identity_from_token(storage: Storage, token: str | None, secret: str) -> Identity:
     if not token:
         raise AuthError("you are not signed in")
     claims = decode_token(token, secret)
     token_hash = token_hash_of(token)
-    rows = await db.execute_fetchall(SELECT_USER_FOR_TOKEN,
-                                     {"user_id": claims["sub"], "token_hash": token_hash})
-    if not rows:
+    user = await storage.user_for_token(claims["sub"], token_hash)
+    if user is None:
         raise AuthError("this account does not exist")
-    user = rows[0]
     if user["is_revoked"]:
         raise AuthError("you signed out with this sign-in link; ask for a new one")
     if user["role"] != claims["role"]:
@@ -789,18 +934,25 @@ async def identity_from_token(db: aiosqlite.Connection, token: str | None, secre
     return Identity(user["id"], user["role"], user["name"], float(claims["exp"]), token_hash)
 
 
-async def load_room(db: aiosqlite.Connection, room_id: str) -> Room | None:
+async def load_room(storage: Storage, room_id: str) -> Room | None:
     session_id = session_id_of(room_id)
-    if session_id is None:
+    row = None if session_id is None else await storage.room(session_id)
+    if row is None:
         return None
-    rows = await db.execute_fetchall(SELECT_ROOM, {"session_id": session_id})
-    if not rows:
-        return None
-    row = rows[0]
     return Room(room_id, session_id, row["trainer_id"], row["member_id"], row["status"])
 
 
-# ========================================================== chat hub ===
+# ============================================================ frames ===
+#
+# Every frame the server sends is built here, one small function per type; a
+# broadcast serialises a frame once and hands the same bytes to every socket.
+#
+# Those bytes are whole WebSocket frames written straight to the transport, past
+# aiohttp's writer (which would frame and lock per recipient). That is sound
+# because of what aiohttp promises and tests/test_frames.py checks on every
+# upgrade: a server's frames are unmasked and, without compression, these bytes
+# exactly; and aiohttp writes each of its own frames (pings, pongs, the close) in
+# one transport.write(), so ours and its never interleave.
 
 
 def websocket_text_frame(payload: bytes) -> bytes:
@@ -826,6 +978,50 @@ def wire_frame(frame: dict) -> bytes:
     return websocket_text_frame(compact_json(frame).encode())
 
 
+def message_frame(*, message_type: str, message_id: int, session_id: int, user_id: str,
+                  sender_name: str, content: str, created_at: str, client_id: str) -> dict:
+    """A stored message, live and in history and the messages API alike."""
+    return {"type": message_type, "id": message_id, "room_id": room_id_of(session_id),
+            "user_id": user_id, "sender_name": sender_name, "content": content,
+            "created_at": created_at, "client_id": client_id}
+
+
+def message_from_row(row: Any) -> dict:
+    return message_frame(message_type=row["type"], message_id=row["id"],
+                         session_id=row["session_id"], user_id=row["user_id"],
+                         sender_name=row["sender_name"], content=row["content"],
+                         created_at=row["created_at"], client_id=row["client_id"])
+
+
+def welcome_frame(room: Room, identity: Identity, participants: list[dict]) -> dict:
+    return {"type": "welcome", "room_id": room.room_id, "user_id": identity.user_id,
+            "role": identity.role, "status": room.status, "participants": participants}
+
+
+def history_wire_frame(messages: list[dict], has_more: bool, *,
+                       keep_oldest: bool) -> tuple[bytes, int | None]:
+    """The history frame's bytes and its newest message id, at most
+    HISTORY_MAX_BYTES: each message is encoded once, nearest the client first
+    (the oldest after ``after``, else the newest), until the next would not
+    fit; then has_more is true and the client pages the rest over HTTP."""
+    budget = HISTORY_MAX_BYTES - 64  # the frame's header and the envelope
+    kept: list[bytes] = []
+    for message in (messages if keep_oldest else reversed(messages)):
+        encoded = compact_json(message).encode()
+        budget -= len(encoded) + 1
+        if budget < 0 and kept:
+            has_more = True
+            break
+        kept.append(encoded)
+    if not keep_oldest:
+        kept.reverse()
+        messages = messages[len(messages) - len(kept):]
+    newest_id = messages[len(kept) - 1]["id"] if kept else None
+    payload = (b'{"type":"history","messages":[' + b",".join(kept) + b'],"has_more":'
+               + (b"true" if has_more else b"false") + b"}")
+    return websocket_text_frame(payload), newest_id
+
+
 def error_frame(code: str, message: str, client_id: str | None = None) -> dict:
     return {"type": "error", "code": code, "message": message, "client_id": client_id}
 
@@ -848,19 +1044,87 @@ def typing_frame(room_id: str, user_id: str) -> dict:
     return {"type": "typing", "room_id": room_id, "user_id": user_id}
 
 
+# ========================================================== chat hub ===
+
+
+class Outbox:
+    """What waits to be written to one peer, at most OUTBOX_MAX_BYTES.
+
+    Frames queued in one loop turn leave in one write at the next (a chat's copy
+    for its sender and the ack go together). A peer whose buffer is then full
+    gets a waiting task of its own, so it never holds up a broadcast or another
+    room; idle sockets own no task. A peer that overflows the outbox, or does
+    not drain within SLOW_PEER_TIMEOUT_S, is too slow: its socket is asked to
+    close with 1008, and it takes nothing more.
+    """
+
+    def __init__(self, owner: ChatSocket, transport: asyncio.Transport) -> None:
+        self.owner = owner
+        self.transport = transport
+        self.frames: collections.deque[bytes] = collections.deque()
+        self.size = 0
+        self.is_flush_scheduled = False
+        self.slow_peer_task: asyncio.Task | None = None
+
+    def put(self, data: bytes) -> None:
+        if self.size + len(data) > OUTBOX_MAX_BYTES:
+            self.owner.request_stop(WSCloseCode.POLICY_VIOLATION, "too slow: frames not taken")
+            return
+        self.frames.append(data)
+        self.size += len(data)
+        if not self.is_flush_scheduled and self.slow_peer_task is None:
+            self.is_flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write everything queued in one write; if the peer's buffer is then
+        full, wait for it to drain before writing more."""
+        self.is_flush_scheduled = False
+        if not self.frames or self.slow_peer_task is not None or self.owner.closed:
+            return  # nothing may follow the close frame
+        if self.transport.is_closing():
+            self.owner.request_stop(WSCloseCode.GOING_AWAY, "connection lost")
+            return
+        frames = list(self.frames)
+        self.frames.clear()
+        self.size = 0
+        self.transport.write(b"".join(frames))
+        if self.transport.get_write_buffer_size() > PEER_BUFFER_HIGH_BYTES:
+            self.slow_peer_task = asyncio.create_task(self._wait_for_slow_peer())
+
+    async def _wait_for_slow_peer(self) -> None:
+        """Rare: frames queue (bounded) until the peer's buffer drains, or 1008."""
+        try:
+            async with asyncio.timeout(SLOW_PEER_TIMEOUT_S):
+                while self.transport.get_write_buffer_size() > PEER_BUFFER_HIGH_BYTES:
+                    await asyncio.sleep(PEER_BUFFER_POLL_S)
+        except TimeoutError:
+            self.owner.request_stop(WSCloseCode.POLICY_VIOLATION, "too slow: frames not taken")
+            return
+        finally:
+            self.slow_peer_task = None
+        self.flush()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Send what is queued (before a close frame), waiting at most timeout_s."""
+        self.flush()
+        async with asyncio.timeout(timeout_s):
+            while self.slow_peer_task is not None:
+                await asyncio.wait([self.slow_peer_task])
+
+    def cancel(self) -> None:
+        if self.slow_peer_task is not None:
+            self.slow_peer_task.cancel()
+
+
 class ChatSocket(web.WebSocketResponse):
-    """One live connection: the socket, who holds it, and what waits to be sent.
+    """One live connection: who holds it, in which room, and its frames' way out.
 
-    Frames go through a bounded outbox, written at the loop's next turn in one
-    write; a peer that does not read gets a waiting task of its own, so it never
-    holds up a broadcast or another room. Idle sockets own no task of their own.
-    Only the handler task closes the socket (``request_stop`` asks it to): a
-    close from another task while the handler awaits ``receive()`` can end in
-    a reset instead of a clean close frame.
-
-    Pings and pongs are ours, not aiohttp's: its answering loop never yields to
-    other sockets, and its heartbeat timer restarts after close() and keeps a
-    refused socket alive for half a minute. The hub's liveness sweep pings.
+    Live frames wait in ``held_frames`` until the welcome and the history are
+    queued; then they go through the Outbox. Pings and pongs are ours, not
+    aiohttp's: its answering loop never yields to other sockets, and its
+    heartbeat timer restarts after close() and keeps a refused socket alive for
+    half a minute. The hub's liveness sweep pings instead.
     """
 
     def __init__(self) -> None:
@@ -869,11 +1133,7 @@ class ChatSocket(web.WebSocketResponse):
                          compress=False, timeout=CLOSE_HANDSHAKE_TIMEOUT_S)
         self.identity: Identity | None = None
         self.room: Room | None = None
-        self.outbox: collections.deque[bytes] = collections.deque()
-        self.outbox_bytes = 0
-        self.peer_transport: asyncio.Transport | None = None  # set once prepared
-        self.is_flush_scheduled = False
-        self.slow_peer_task: asyncio.Task | None = None
+        self.outbox: Outbox | None = None  # once prepared
         self.stop_code: int | None = None
         self.stop_reason = ""
         self.is_receiving = False
@@ -886,9 +1146,8 @@ class ChatSocket(web.WebSocketResponse):
         self.ping_sent_at: float | None = None  # a ping not yet answered by any frame
         self.control_window_started_at = now
         self.control_frame_count = 0
-        # Live frames wait here until welcome and history are queued. A message
-        # committed while the history was read can be in both: the live copy of
-        # anything up to the history's newest id is dropped, then and later.
+        # A message committed while the history was read can be in both: the
+        # live copy of anything up to the history's newest id is dropped.
         self.held_frames: list[tuple[bytes, int | None]] | None = []
         self.history_through_id = 0
 
@@ -901,14 +1160,7 @@ class ChatSocket(web.WebSocketResponse):
             return
         if message_id is not None and message_id <= self.history_through_id:
             return
-        if self.outbox_bytes + len(data) > OUTBOX_MAX_BYTES:
-            self.request_stop(WSCloseCode.POLICY_VIOLATION, "too slow: frames not taken")
-            return
-        self.outbox.append(data)
-        self.outbox_bytes += len(data)
-        if not self.is_flush_scheduled and self.slow_peer_task is None:
-            self.is_flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush_outbox)
+        self.outbox.put(data)
 
     def send_later(self, frame: dict) -> None:
         self.enqueue(wire_frame(frame))
@@ -921,6 +1173,27 @@ class ChatSocket(web.WebSocketResponse):
         self.history_through_id = newest_history_id
         for data, message_id in held:
             self.enqueue(data, message_id)
+
+    # Stopping, the whole story. Anything may ask a socket to close: the hub
+    # (a management change, sign-out, a token's exp), the liveness sweep, the
+    # outbox (too slow), the receive loop (a control-frame flood), shutdown.
+    # Only the handler task closes it: a close from another task while the
+    # handler awaits receive() can end in a reset instead of a close frame. So
+    # request_stop records the code (the first ask wins) and, if the handler
+    # is waiting in receive(), cancels it there; is_receive_cancelled marks
+    # that cancel as ours, and receive_frames uncancels its task and returns.
+    # The handler's finally then runs close_socket: it drains the outbox
+    # (unless the peer is the problem) and sends the close frame with the code.
+
+    def request_stop(self, code: int, reason: str) -> None:
+        """Ask the handler to close this socket with ``code``; the first ask wins."""
+        if self.stop_code is not None:
+            return
+        self.stop_code = code
+        self.stop_reason = reason
+        if self.is_receiving and self.handler_task is not None:
+            self.is_receive_cancelled = True
+            self.handler_task.cancel()
 
     @property
     def is_cut_off(self) -> bool:
@@ -951,63 +1224,11 @@ class ChatSocket(web.WebSocketResponse):
                 self.ping_sent_at = None
             elif now - self.ping_sent_at >= ping_interval_s / 2:
                 self.request_stop(WSCloseCode.ABNORMAL_CLOSURE, "no answer to ping")
-                if self.peer_transport is not None:
-                    self.peer_transport.abort()
+                self.outbox.transport.abort()
                 return
         if self.ping_sent_at is None and now - self.last_heard_at >= ping_interval_s:
             self.ping_sent_at = now
             self.enqueue(PING_WIRE_FRAME)
-
-    def request_stop(self, code: int, reason: str) -> None:
-        """Ask the handler to close this socket with ``code``; the first ask wins."""
-        if self.stop_code is not None:
-            return
-        self.stop_code = code
-        self.stop_reason = reason
-        if self.is_receiving and self.handler_task is not None:
-            self.is_receive_cancelled = True
-            self.handler_task.cancel()
-
-    def flush_outbox(self) -> None:
-        """Write everything queued in one write (a chat's copy for its sender and
-        the ack leave together); if the peer's buffer is then full, wait for it.
-
-        The frames are plain unmasked, uncompressed text frames; aiohttp's own
-        writes (pings, the close frame) are whole frames too, so none interleave.
-        """
-        self.is_flush_scheduled = False
-        if not self.outbox or self.slow_peer_task is not None or self.closed:
-            return
-        transport = self.peer_transport
-        if transport is None or transport.is_closing():
-            self.request_stop(WSCloseCode.GOING_AWAY, "connection lost")
-            return
-        frames = list(self.outbox)
-        self.outbox.clear()
-        self.outbox_bytes = 0
-        transport.write(b"".join(frames))
-        if transport.get_write_buffer_size() > PEER_BUFFER_HIGH_BYTES:
-            self.slow_peer_task = asyncio.create_task(self.wait_for_slow_peer(transport))
-
-    async def wait_for_slow_peer(self, transport: asyncio.Transport) -> None:
-        """Rare: frames queue (bounded) until the peer's buffer drains, or 1008."""
-        try:
-            async with asyncio.timeout(SLOW_PEER_TIMEOUT_S):
-                while transport.get_write_buffer_size() > PEER_BUFFER_HIGH_BYTES:
-                    await asyncio.sleep(PEER_BUFFER_POLL_S)
-        except TimeoutError:
-            self.request_stop(WSCloseCode.POLICY_VIOLATION, "too slow: frames not taken")
-            return
-        finally:
-            self.slow_peer_task = None
-        self.flush_outbox()
-
-    async def flush_before_close(self, timeout_s: float) -> None:
-        """Send what is queued before the close frame, waiting at most timeout_s."""
-        self.flush_outbox()
-        async with asyncio.timeout(timeout_s):
-            while self.slow_peer_task is not None:
-                await asyncio.wait([self.slow_peer_task])
 
 
 @dataclass(slots=True)
@@ -1122,17 +1343,16 @@ class ChatHub:
         self.pending_leaves.clear()
 
 
-async def revalidate_sockets(db: aiosqlite.Connection, hub: ChatHub) -> None:
+async def revalidate_sockets(storage: Storage, hub: ChatHub) -> None:
     """After a management command: close sockets whose user or room changed."""
-    users: dict[str, sqlite3.Row | None] = {}
+    users: dict[str, Any] = {}
     rooms: dict[str, Room | None] = {}
     for ws in hub.all_sockets():
         user_id, room_id = ws.identity.user_id, ws.room.room_id
         if user_id not in users:
-            rows = await db.execute_fetchall(SELECT_USER, {"user_id": user_id})
-            users[user_id] = rows[0] if rows else None
+            users[user_id] = await storage.user(user_id)
         if room_id not in rooms:
-            rooms[room_id] = await load_room(db, room_id)
+            rooms[room_id] = await load_room(storage, room_id)
         user, room = users[user_id], rooms[room_id]
         if user is None or user["role"] != ws.identity.role:
             ws.request_stop(CLOSE_UNAUTHORIZED, "account changed; sign in again")
@@ -1157,17 +1377,16 @@ async def keep_sockets_alive(hub: ChatHub, ping_interval_s: float) -> None:
 _NOT_READ = object()
 
 
-async def watch_admin_changes(db: aiosqlite.Connection, hub: ChatHub) -> None:
+async def watch_admin_changes(storage: Storage, hub: ChatHub) -> None:
     """Management commands bump admin_version; the server honours them within 2 s."""
     seen_version: object = _NOT_READ
     while True:
         try:
-            rows = await db.execute_fetchall(SELECT_ADMIN_VERSION)
-            version = rows[0][0] if rows else None
+            version = await storage.admin_version()
             if seen_version is not _NOT_READ and version != seen_version:
-                await revalidate_sockets(db, hub)
+                await revalidate_sockets(storage, hub)
             seen_version = version
-        except sqlite3.Error as error:
+        except StorageUnavailable as error:
             log.warning("admin watch failed error=%s", error)
         await asyncio.sleep(ADMIN_POLL_INTERVAL_S)
 
@@ -1176,8 +1395,7 @@ async def watch_admin_changes(db: aiosqlite.Connection, hub: ChatHub) -> None:
 
 SETTINGS = web.AppKey("SETTINGS", Settings)
 SECRET = web.AppKey("SECRET", str)
-DB_READ = web.AppKey("DB_READ", aiosqlite.Connection)
-WRITER = web.AppKey("WRITER", Writer)
+STORAGE = web.AppKey("STORAGE", Storage)
 HUB = web.AppKey("HUB", ChatHub)
 
 ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -1229,7 +1447,7 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         return error_response(request, status, ERROR_CODES[status], error.reason)
     except asyncio.CancelledError:
         raise
-    except sqlite3.Error as error:
+    except StorageUnavailable as error:
         log.warning("storage error path=%s error=%s", request.path, error)
         return error_response(request, 503, "unavailable", "storage is unavailable; try again")
     except Exception:
@@ -1285,7 +1503,7 @@ def is_cross_site(request: web.Request) -> bool:
 
 async def require_identity(request: web.Request) -> Identity:
     try:
-        return await identity_from_token(request.app[DB_READ], token_from_request(request),
+        return await identity_from_token(request.app[STORAGE], token_from_request(request),
                                          request.app[SECRET])
     except AuthError as error:
         raise ApiError(401, str(error)) from None
@@ -1298,7 +1516,7 @@ def check_claimed_user(request: web.Request, identity: Identity) -> None:
 
 
 async def require_room(request: web.Request, identity: Identity, room_id: str) -> Room:
-    room = await load_room(request.app[DB_READ], room_id)
+    room = await load_room(request.app[STORAGE], room_id)
     if room is None:
         raise ApiError(404, f"no such room: {room_id[:80]}")
     if not room.admits(identity):
@@ -1325,17 +1543,11 @@ def parse_limit(request: web.Request) -> int:
     return int(text)
 
 
-async def fetch_room_list_json(request: web.Request, identity: Identity) -> str:
-    """The caller's rooms, newest activity first, as a JSON array."""
-    query = SELECT_ROOMS_OF_TRAINER if identity.role == "trainer" else SELECT_ROOMS_OF_MEMBER
-    rows = await request.app[DB_READ].execute_fetchall(query, {"user_id": identity.user_id})
-    return "[" + ",".join(row[0] for row in rows) + "]"
-
-
 async def rooms_handler(request: web.Request) -> web.StreamResponse:
     identity = await require_identity(request)
     check_claimed_user(request, identity)
-    chat_rooms_json = await fetch_room_list_json(request, identity)
+    chat_rooms_json = await request.app[STORAGE].room_list_json(
+        identity.user_id, is_trainer=identity.role == "trainer")
     if wants_json(request):
         return web.Response(text='{"chat_rooms":' + chat_rooms_json + "}",
                             content_type="application/json")
@@ -1359,9 +1571,10 @@ async def messages_handler(request: web.Request) -> web.Response:
     limit = parse_limit(request)
     if not request.app[HUB].history_reads.allows(identity.user_id):
         raise ApiError(429, "too many history reads a second; try again shortly")
-    messages, has_more = await fetch_messages(request.app[DB_READ], room.session_id,
-                                              before_id=before_id, after_id=after_id, limit=limit)
-    return web.json_response({"messages": messages, "has_more": has_more}, dumps=compact_json)
+    rows, has_more = await request.app[STORAGE].messages(room.session_id, before_id=before_id,
+                                                         after_id=after_id, limit=limit)
+    return web.json_response({"messages": [message_from_row(row) for row in rows],
+                              "has_more": has_more}, dumps=compact_json)
 
 
 async def chat_page_handler(request: web.Request) -> web.Response:
@@ -1371,10 +1584,10 @@ async def chat_page_handler(request: web.Request) -> web.Response:
     if not room_id:
         raise ApiError(400, "room_id is required")
     room = await require_room(request, identity, room_id)
-    db = request.app[DB_READ]
-    settings = request.app[SETTINGS]
-    messages, has_more = await fetch_messages(db, room.session_id, limit=HISTORY_LATEST_COUNT)
-    participants = await db.execute_fetchall(SELECT_PARTICIPANTS, {"session_id": room.session_id})
+    storage, settings = request.app[STORAGE], request.app[SETTINGS]
+    rows, has_more = await storage.messages(room.session_id, limit=HISTORY_LATEST_COUNT)
+    messages = [message_from_row(row) for row in rows]
+    participants = await storage.participants(room.session_id)
     peer_name = next((row["name"] for row in participants if row["user_id"] != identity.user_id), "")
     boot = {"page": "chat", "room_id": room.room_id, "user_id": identity.user_id,
             "role": identity.role, "name": identity.name, "peer_name": peer_name,
@@ -1407,7 +1620,7 @@ def safe_next_path(next_path: str | None) -> str:
 
 async def identity_of_link(request: web.Request, token: str | None) -> Identity:
     try:
-        return await identity_from_token(request.app[DB_READ], token, request.app[SECRET])
+        return await identity_from_token(request.app[STORAGE], token, request.app[SECRET])
     except AuthError as error:
         raise ApiError(401, str(error)) from None
 
@@ -1428,7 +1641,7 @@ async def login_handler(request: web.Request) -> web.Response:
     identity = await identity_of_link(request, token)
     next_path = safe_next_path(request.query.get("next"))
     try:
-        signed_in = await identity_from_token(request.app[DB_READ],
+        signed_in = await identity_from_token(request.app[STORAGE],
                                               request.cookies.get(TOKEN_COOKIE), request.app[SECRET])
     except AuthError:
         signed_in = None
@@ -1460,7 +1673,7 @@ async def revoke_token(request: web.Request, token: str) -> None:
     token_hash = token_hash_of(token)
     params = {"token_hash": token_hash, "expires_at": math.ceil(claims["exp"])}
     try:
-        await request.app[WRITER].submit(store_revocations, params)
+        await request.app[STORAGE].submit(store_revocations, params)
     except StorageUnavailable:
         raise ApiError(503, "could not sign out; try again") from None
     request.app[HUB].close_signed_out(token_hash)
@@ -1482,7 +1695,7 @@ async def logout_handler(request: web.Request) -> web.Response:
 
 
 async def healthz_handler(request: web.Request) -> web.Response:
-    await request.app[DB_READ].execute_fetchall(SELECT_HEALTH)
+    await request.app[STORAGE].check()
     return web.json_response({"status": "ok"})
 
 
@@ -1522,22 +1735,44 @@ def origin_allowed(request: web.Request, settings: Settings) -> bool:
         or is_own_origin(request, origin)
 
 
-async def check_socket_access(request: web.Request, room_id: str) -> tuple[int, str] | tuple[Identity, Room]:
-    """(Identity, Room) for a caller who may be here, else (close code, reason)."""
-    db = request.app[DB_READ]
+class SocketRefused(Exception):
+    """The upgrade is accepted and closed at once with ``code`` (SPEC 5)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+# HTTP's refusals, as a WebSocket says them after the upgrade.
+CLOSE_CODES_BY_STATUS = {401: CLOSE_UNAUTHORIZED, 403: CLOSE_FORBIDDEN, 404: CLOSE_NOT_FOUND}
+
+
+async def check_socket_access(request: web.Request, room_id: str) -> tuple[Identity, Room]:
+    """The caller and the room, checked as HTTP checks them, or SocketRefused."""
     try:
-        identity = await identity_from_token(db, token_from_request(request), request.app[SECRET])
-    except AuthError as error:
-        return CLOSE_UNAUTHORIZED, str(error)
-    claimed_user_id = request.query.get("user_id")
-    if claimed_user_id is not None and claimed_user_id != identity.user_id:
-        return CLOSE_FORBIDDEN, "user_id does not match the signed-in user"
-    room = await load_room(db, room_id)
-    if room is None:
-        return CLOSE_NOT_FOUND, "no such room"
-    if not room.admits(identity):
-        return CLOSE_FORBIDDEN, "this room is not yours"
-    return identity, room
+        identity = await require_identity(request)
+        check_claimed_user(request, identity)
+        return identity, await require_room(request, identity, room_id)
+    except ApiError as error:
+        if error.status not in CLOSE_CODES_BY_STATUS:
+            raise
+        raise SocketRefused(CLOSE_CODES_BY_STATUS[error.status], error.message) from None
+
+
+def check_socket_budget(request: web.Request, identity: Identity, after_id: int | None) -> None:
+    """An authorized caller's socket is still refused (SocketRefused) while the
+    server stops, past the user's opens and reads a second, or their 20 sockets."""
+    hub = request.app[HUB]
+    if hub.is_closing:
+        raise SocketRefused(WSCloseCode.GOING_AWAY, "server shutting down")
+    if not hub.opens.allows(identity.user_id) or (
+            after_id is not None and not hub.history_reads.allows(identity.user_id)):
+        raise SocketRefused(WSCloseCode.TRY_AGAIN_LATER,
+                            "too many connections a second; try again shortly")
+    if not hub.has_room_for(identity.user_id):
+        raise SocketRefused(WSCloseCode.POLICY_VIOLATION,
+                            f"at most {MAX_SOCKETS_PER_USER} open connections per user")
 
 
 def parse_after_id(request: web.Request) -> int | None:
@@ -1548,44 +1783,18 @@ def parse_after_id(request: web.Request) -> int | None:
 
 async def send_welcome(request: web.Request, ws: ChatSocket) -> None:
     """Welcome, then history, then the live frames that came in meanwhile."""
-    db, hub = request.app[DB_READ], request.app[HUB]
+    storage, hub = request.app[STORAGE], request.app[HUB]
     room = ws.room
-    participants = await db.execute_fetchall(SELECT_PARTICIPANTS, {"session_id": room.session_id})
+    participants = [{"user_id": row["user_id"], "name": row["name"], "role": row["role"],
+                     "online": hub.is_online(room.room_id, row["user_id"]),
+                     "last_read_id": row["last_read_id"]}
+                    for row in await storage.participants(room.session_id)]
     after_id = parse_after_id(request)
-    messages, has_more = await fetch_history(db, room.session_id, after_id)
-    welcome = {
-        "type": "welcome", "room_id": room.room_id, "user_id": ws.identity.user_id,
-        "role": ws.identity.role, "status": room.status,
-        "participants": [{"user_id": row["user_id"], "name": row["name"], "role": row["role"],
-                          "online": hub.is_online(room.room_id, row["user_id"]),
-                          "last_read_id": row["last_read_id"]} for row in participants]}
-    history, newest_id = history_wire_frame(messages, has_more, keep_oldest=after_id is not None)
-    ws.start_live([wire_frame(welcome), history],
+    rows, has_more = await storage.history(room.session_id, after_id)
+    history, newest_id = history_wire_frame([message_from_row(row) for row in rows], has_more,
+                                            keep_oldest=after_id is not None)
+    ws.start_live([wire_frame(welcome_frame(room, ws.identity, participants)), history],
                   newest_id if newest_id is not None else after_id or 0)
-
-
-def history_wire_frame(messages: list[dict], has_more: bool, *,
-                       keep_oldest: bool) -> tuple[bytes, int | None]:
-    """The history frame's bytes and its newest message id, at most
-    HISTORY_MAX_BYTES: each message is encoded once, nearest the client first
-    (the oldest after ``after``, else the newest), until the next would not
-    fit; then has_more is true and the client pages the rest over HTTP."""
-    budget = HISTORY_MAX_BYTES - 64  # the frame's header and the envelope
-    kept: list[bytes] = []
-    for message in (messages if keep_oldest else reversed(messages)):
-        encoded = compact_json(message).encode()
-        budget -= len(encoded) + 1
-        if budget < 0 and kept:
-            has_more = True
-            break
-        kept.append(encoded)
-    if not keep_oldest:
-        kept.reverse()
-        messages = messages[len(messages) - len(kept):]
-    newest_id = messages[len(kept) - 1]["id"] if kept else None
-    payload = (b'{"type":"history","messages":[' + b",".join(kept) + b'],"has_more":'
-               + (b"true" if has_more else b"false") + b"}")
-    return websocket_text_frame(payload), newest_id
 
 
 class FrameError(Exception):
@@ -1678,8 +1887,9 @@ def publish_chat(hub: ChatHub, ws: ChatSocket, client_id: str, content: str,
         return
     if not stored.is_duplicate:
         hub.broadcast(ws.room.room_id, message_frame(
-            "chat", stored.message_id, ws.room.session_id, ws.identity.user_id, ws.identity.name,
-            content, stored.created_at, client_id))
+            message_type="chat", message_id=stored.message_id, session_id=ws.room.session_id,
+            user_id=ws.identity.user_id, sender_name=ws.identity.name, content=content,
+            created_at=stored.created_at, client_id=client_id))
     ws.send_later(ack_frame(client_id, stored.message_id, stored.created_at))
 
 
@@ -1690,8 +1900,9 @@ def publish_spread(hub: ChatHub, ws: ChatSocket, client_id: str, content: str,
         return
     for session_id, message_id in stored.message_ids_by_session.items():
         hub.broadcast(room_id_of(session_id), message_frame(
-            "spread", message_id, session_id, ws.identity.user_id, ws.identity.name,
-            content, stored.created_at, client_id))
+            message_type="spread", message_id=message_id, session_id=session_id,
+            user_id=ws.identity.user_id, sender_name=ws.identity.name, content=content,
+            created_at=stored.created_at, client_id=client_id))
     ws.send_later({**ack_frame(client_id, stored.message_id, stored.created_at),
                    "rooms": stored.room_count})
 
@@ -1713,7 +1924,7 @@ async def wait_settled(future: asyncio.Future) -> None:
 
 
 async def handle_send(request: web.Request, ws: ChatSocket, frame: dict) -> None:
-    settings, hub, writer = request.app[SETTINGS], request.app[HUB], request.app[WRITER]
+    settings, hub, storage = request.app[SETTINGS], request.app[HUB], request.app[STORAGE]
     client_id = checked_client_id(frame)
     content = checked_content(frame, client_id, settings.max_message_chars)
     is_spread = frame["type"] == "spread"
@@ -1726,7 +1937,7 @@ async def handle_send(request: web.Request, ws: ChatSocket, frame: dict) -> None
               "content": content, "client_id": client_id, "created_at": utc_now_iso()}
     store, publish = (store_spreads, publish_spread) if is_spread else (store_chats, publish_chat)
     try:
-        future = writer.submit(store, params)
+        future = storage.submit(store, params)
     except StorageUnavailable:
         raise FrameError("unavailable", "not stored; retry later with the same client_id",
                          client_id) from None
@@ -1741,7 +1952,7 @@ async def handle_read(request: web.Request, ws: ChatSocket, frame: dict) -> None
     params = {"session_id": ws.room.session_id, "user_id": ws.identity.user_id,
               "message_id": min(message_id, 2**63 - 1)}
     try:
-        future = request.app[WRITER].submit(store_reads, params)
+        future = request.app[STORAGE].submit(store_reads, params)
     except StorageUnavailable:
         raise FrameError("unavailable", "read receipt not stored; send it again later") from None
     future.add_done_callback(lambda done: publish_read(request.app[HUB], ws, done))
@@ -1808,19 +2019,24 @@ async def receive_frames(request: web.Request, ws: ChatSocket) -> None:
         task.uncancel()
 
 
+def close_reason(reason: str) -> bytes:
+    """A close frame's reason: at most 123 bytes, whole UTF-8 characters."""
+    return reason.encode()[:120].decode(errors="ignore").encode()
+
+
 async def close_socket(request: web.Request, ws: ChatSocket) -> None:
     """Flush what is queued (unless the peer is the problem), then close."""
     if ws.is_dead:
         return  # the sweep aborted the connection: no one is there to answer
     if ws.stop_code is not None and not ws.is_cut_off and not ws.closed:
         try:
-            await ws.flush_before_close(SHUTDOWN_FLUSH_TIMEOUT_S)
+            await ws.outbox.drain(SHUTDOWN_FLUSH_TIMEOUT_S)
         except TimeoutError:
             pass
     code = ws.stop_code or WSCloseCode.OK
     try:
         async with asyncio.timeout(CLOSE_HANDSHAKE_TIMEOUT_S + 1):
-            await ws.close(code=code, message=ws.stop_reason.encode()[:120])
+            await ws.close(code=code, message=close_reason(ws.stop_reason))
     except (TimeoutError, ConnectionError):
         if request.transport is not None:
             request.transport.abort()
@@ -1835,23 +2051,10 @@ async def refuse_socket(request: web.Request, code: int, reason: str) -> web.Web
     log.info("ws refused room_id=%s code=%s reason=%s",
              request.match_info["room_id"][:80], code, reason)
     try:
-        await ws.close(code=code, message=reason.encode()[:120])
+        await ws.close(code=code, message=close_reason(reason))
     except ConnectionError:
         pass
     return ws
-
-
-def socket_refusal(request: web.Request, identity: Identity, after_id: int | None) -> tuple[int, str] | None:
-    """Why an authorized caller's socket is closed before the welcome, if it is."""
-    hub = request.app[HUB]
-    if hub.is_closing:
-        return WSCloseCode.GOING_AWAY, "server shutting down"
-    if not hub.opens.allows(identity.user_id) or (
-            after_id is not None and not hub.history_reads.allows(identity.user_id)):
-        return WSCloseCode.TRY_AGAIN_LATER, "too many connections a second; try again shortly"
-    if not hub.has_room_for(identity.user_id):
-        return WSCloseCode.POLICY_VIOLATION, f"at most {MAX_SOCKETS_PER_USER} open connections per user"
-    return None
 
 
 async def chat_socket_handler(request: web.Request) -> web.StreamResponse:
@@ -1859,16 +2062,15 @@ async def chat_socket_handler(request: web.Request) -> web.StreamResponse:
     if not origin_allowed(request, settings):
         raise ApiError(403, "cross-site WebSocket refused: this origin is not allowed")
     room_id = request.match_info["room_id"]
-    access = await check_socket_access(request, room_id)
-    if isinstance(access[0], int):
-        return await refuse_socket(request, *access)
-    refusal = socket_refusal(request, access[0], parse_after_id(request))
-    if refusal is not None:
-        return await refuse_socket(request, *refusal)
+    try:
+        identity, room = await check_socket_access(request, room_id)
+        check_socket_budget(request, identity, parse_after_id(request))
+    except SocketRefused as refusal:
+        return await refuse_socket(request, refusal.code, refusal.reason)
     ws = ChatSocket()
     await ws.prepare(request)
-    ws.identity, ws.room = access
-    ws.peer_transport = request.transport
+    ws.identity, ws.room = identity, room
+    ws.outbox = Outbox(ws, request.transport)
     expiry = asyncio.get_running_loop().call_later(
         max(0.0, ws.identity.expires_at - time.time()),
         ws.request_stop, CLOSE_UNAUTHORIZED, "token expired; sign in again")
@@ -1887,8 +2089,7 @@ async def chat_socket_handler(request: web.Request) -> web.StreamResponse:
         try:
             await close_socket(request, ws)
         finally:  # aiohttp may cancel the handler mid-close (at shutdown)
-            if ws.slow_peer_task is not None:
-                ws.slow_peer_task.cancel()
+            ws.outbox.cancel()
             ws.finished.set_result(None)
             log.info("ws close room_id=%s user_id=%s code=%s", room_id, ws.identity.user_id,
                      ws.close_code)
@@ -1898,36 +2099,45 @@ async def chat_socket_handler(request: web.Request) -> web.StreamResponse:
 # =============================================================== app ===
 
 
-async def database_context(app: web.Application):
+# Each lifetime is one *_context, named for what it owns; they close in reverse
+# order, so background tasks stop first, then the writer drains, then storage
+# closes. Sockets close earlier still, in on_shutdown.
+
+
+async def storage_context(app: web.Application):
     settings = app[SETTINGS]
-    db_write = await open_write_connection(settings.db_path)
-    app[SECRET] = settings.secret or await _stored_secret(db_write)
-    app[DB_READ] = await open_read_connection(settings.db_path, settings.tz)
-    app[WRITER] = Writer(db_write)
+    storage = app[STORAGE] = await Storage.open(settings)
+    try:
+        app[SECRET] = settings.secret or await storage.secret()
+    except BaseException:
+        await storage.close()
+        raise
     yield
-    await app[DB_READ].close()  # an unclosed aiosqlite thread blocks exit
-    await db_write.close()
-
-
-async def _stored_secret(db: aiosqlite.Connection) -> str:
-    await db.execute(INSERT_SECRET, {"secret": secrets.token_urlsafe(32)})
-    rows = await db.execute_fetchall(SELECT_SECRET)
-    return rows[0][0]
+    await storage.close()  # an unclosed aiosqlite thread blocks exit
 
 
 async def writer_context(app: web.Application):
-    app[WRITER].start()
+    app[STORAGE].writer.start()
     yield
-    await app[WRITER].stop()  # after every handler: nothing queued is dropped
+    await app[STORAGE].writer.stop()  # after every handler: nothing queued is dropped
 
 
-async def hub_context(app: web.Application):
-    watcher = asyncio.create_task(watch_admin_changes(app[DB_READ], app[HUB]))
-    sweeper = asyncio.create_task(keep_sockets_alive(app[HUB], app[SETTINGS].ping_interval_s))
+async def _stop_task(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def admin_watch_context(app: web.Application):
+    watcher = asyncio.create_task(watch_admin_changes(app[STORAGE], app[HUB]), name="admin watch")
     yield
-    watcher.cancel()
-    sweeper.cancel()
-    await asyncio.gather(watcher, sweeper, return_exceptions=True)
+    await _stop_task(watcher)
+
+
+async def liveness_context(app: web.Application):
+    sweeper = asyncio.create_task(keep_sockets_alive(app[HUB], app[SETTINGS].ping_interval_s),
+                                  name="liveness sweep")
+    yield
+    await _stop_task(sweeper)
 
 
 async def close_all_sockets(app: web.Application) -> None:
@@ -1959,7 +2169,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post(f"{BASE_PATH}/logout", logout_handler)
     app.router.add_get(f"{BASE_PATH}/healthz", healthz_handler)
     app.router.add_get(f"{BASE_PATH}/static/{{path:.+}}", static_handler)
-    app.cleanup_ctx.extend([database_context, writer_context, hub_context])
+    app.cleanup_ctx.extend([storage_context, writer_context, admin_watch_context,
+                            liveness_context])
     app.on_shutdown.append(close_all_sockets)
     app.on_response_prepare.append(add_security_headers)
     return app
@@ -2316,21 +2527,11 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
                     log_level=args.log_level, demo=not no_demo)
 
 
-def open_cli_database(settings: Settings) -> sqlite3.Connection:
-    try:
-        db = sqlite3.connect(settings.db_path, isolation_level=None, timeout=CLI_BUSY_TIMEOUT_S)
-        db.row_factory = sqlite3.Row
-        db.executescript(PRAGMAS_SQL + SCHEMA_SQL)
-    except sqlite3.Error as error:
-        raise CommandError(f"cannot open the database {settings.db_path}: {error}") from None
-    return db
+CLI_BUSY_TIMEOUT_MS = 5000  # a running server may hold the write lock a moment
 
 
-def cli_secret(db: sqlite3.Connection, settings: Settings) -> str:
-    if settings.secret:
-        return settings.secret
-    db.execute(INSERT_SECRET, {"secret": secrets.token_urlsafe(32)})
-    return db.execute(SELECT_SECRET).fetchone()[0]
+async def cli_secret(storage: Storage, settings: Settings) -> str:
+    return settings.secret or await storage.secret()
 
 
 def sign_in_link(settings: Settings, token: str, next_path: str = ROOMS_PATH) -> str:
@@ -2340,64 +2541,49 @@ def sign_in_link(settings: Settings, token: str, next_path: str = ROOMS_PATH) ->
             f"&next={quote(next_path, safe='/')}")
 
 
-def find_user(db: sqlite3.Connection, user_id: str) -> sqlite3.Row:
-    user = db.execute(SELECT_USER, {"user_id": user_id}).fetchone()
+async def find_user(tx: Transaction, user_id: str) -> Any:
+    user = await tx.fetch_one(SELECT_USER, {"user_id": user_id})
     if user is None:
         raise CommandError(f"no user with id {user_id!r}")
     return user
 
 
-class _Transaction:
-    """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any error: all or nothing."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.db.execute(BEGIN_IMMEDIATE)
-        return self.db
-
-    def __exit__(self, kind, error, trace) -> None:
-        if kind is None:
-            self.db.execute(BUMP_ADMIN_VERSION)
-            self.db.execute(COMMIT)
-        else:
-            self.db.execute(ROLLBACK)
-
-
-def cmd_add_user(db: sqlite3.Connection, settings: Settings, args: argparse.Namespace) -> None:
+async def cmd_add_user(storage: Storage, settings: Settings, args: argparse.Namespace) -> None:
     user_id = args.user_id or f"{args.role}_{secrets.token_hex(4)}"
-    with _Transaction(db):
-        if db.execute(SELECT_USER, {"user_id": user_id}).fetchone():
+    async with storage.admin_change() as tx:
+        if await tx.fetch_one(SELECT_USER, {"user_id": user_id}):
             raise CommandError(f"a user with id {user_id!r} already exists")
-        db.execute(INSERT_USER, {"user_id": user_id, "name": args.name, "role": args.role,
-                                 "created_at": utc_now_iso()})
+        await tx.execute(INSERT_USER, {"user_id": user_id, "name": args.name, "role": args.role,
+                                       "created_at": utc_now_iso()})
     print(user_id)
 
 
-def cmd_add_session(db: sqlite3.Connection, settings: Settings, args: argparse.Namespace) -> None:
-    with _Transaction(db):
-        if find_user(db, args.trainer)["role"] != "trainer":
+async def cmd_add_session(storage: Storage, settings: Settings, args: argparse.Namespace) -> None:
+    async with storage.admin_change() as tx:
+        if (await find_user(tx, args.trainer))["role"] != "trainer":
             raise CommandError(f"user {args.trainer!r} is not a trainer")
-        if find_user(db, args.member)["role"] != "member":
+        if (await find_user(tx, args.member))["role"] != "member":
             raise CommandError(f"user {args.member!r} is not a member")
-        session_id = db.execute(INSERT_SESSION, {"trainer_id": args.trainer,
-                                                 "member_id": args.member,
-                                                 "created_at": utc_now_iso()}).fetchone()[0]
-    print(room_id_of(session_id))
+        row = await tx.fetch_one(INSERT_SESSION, {"trainer_id": args.trainer,
+                                                  "member_id": args.member,
+                                                  "created_at": utc_now_iso()})
+    print(room_id_of(row[0]))
 
 
-def cmd_end_session(db: sqlite3.Connection, settings: Settings, args: argparse.Namespace) -> None:
+async def cmd_end_session(storage: Storage, settings: Settings, args: argparse.Namespace) -> None:
     session_id = session_id_of(args.room_id)
-    with _Transaction(db):
-        if session_id is None or not db.execute(END_SESSION, {"session_id": session_id}).rowcount:
+    async with storage.admin_change() as tx:
+        if session_id is None or not await tx.execute(END_SESSION, {"session_id": session_id}):
             raise CommandError(f"no such room: {args.room_id!r}")
     print(f"{args.room_id} ended")
 
 
-def cmd_token(db: sqlite3.Connection, settings: Settings, args: argparse.Namespace) -> None:
-    user = find_user(db, args.user_id)
-    token = issue_token(cli_secret(db, settings), user["id"], user["role"], user["name"], args.ttl)
+async def cmd_token(storage: Storage, settings: Settings, args: argparse.Namespace) -> None:
+    user = await storage.user(args.user_id)  # a read: no write lock for it
+    if user is None:
+        raise CommandError(f"no user with id {args.user_id!r}")
+    secret = await cli_secret(storage, settings)
+    token = issue_token(secret, user["id"], user["role"], user["name"], args.ttl)
     print(token)
     print(sign_in_link(settings, token))
 
@@ -2449,7 +2635,7 @@ def _import_sessions(data: dict) -> list[dict]:
              "member_id": session["member"]} for session in sessions]
 
 
-def cmd_import(db: sqlite3.Connection, settings: Settings, args: argparse.Namespace) -> None:
+async def cmd_import(storage: Storage, settings: Settings, args: argparse.Namespace) -> None:
     try:
         data = json.loads(Path(args.file).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as error:
@@ -2461,22 +2647,22 @@ def cmd_import(db: sqlite3.Connection, settings: Settings, args: argparse.Namesp
     users, sessions = _import_users(data), _import_sessions(data)
     counts = collections.Counter()
     now = utc_now_iso()
-    with _Transaction(db):
+    async with storage.admin_change() as tx:
         for user in users:
-            exists = db.execute(SELECT_USER, user).fetchone() is not None
-            db.execute(UPDATE_USER if exists else INSERT_USER, {**user, "created_at": now})
+            exists = await tx.fetch_one(SELECT_USER, user) is not None
+            await tx.execute(UPDATE_USER if exists else INSERT_USER, {**user, "created_at": now})
             counts["users updated" if exists else "users added"] += 1
         for session in sessions:
             for key, role in (("trainer_id", "trainer"), ("member_id", "member")):
-                user = db.execute(SELECT_USER, {"user_id": session[key]}).fetchone()
+                user = await tx.fetch_one(SELECT_USER, {"user_id": session[key]})
                 if user is None or user["role"] != role:
                     raise CommandError(f"session {session['session_id']}: "
                                        f"{session[key]!r} is not a {role}")
-            exists = db.execute(SELECT_ROOM, session).fetchone() is not None
-            db.execute(UPDATE_SESSION_PARTICIPANTS if exists else INSERT_SESSION_WITH_ID,
-                       {**session, "created_at": now})
+            exists = await tx.fetch_one(SELECT_ROOM, session) is not None
+            await tx.execute(UPDATE_SESSION_PARTICIPANTS if exists else INSERT_SESSION_WITH_ID,
+                             {**session, "created_at": now})
             counts["sessions updated" if exists else "sessions added"] += 1
-        if db.execute(COUNT_SESSIONS_WITH_WRONG_ROLES).fetchone()[0]:
+        if (await tx.fetch_one(COUNT_SESSIONS_WITH_WRONG_ROLES))[0]:
             raise CommandError("a role change would leave a session without its trainer or member")
     print(f"users: {counts['users added']} added, {counts['users updated']} updated; "
           f"sessions: {counts['sessions added']} added, {counts['sessions updated']} updated")
@@ -2501,32 +2687,34 @@ DEMO_MESSAGES = (
 DEMO_SPREAD = "이번 주 토요일은 센터 휴무입니다. 좋은 주말 보내세요!"
 
 
-def seed_demo(db: sqlite3.Connection) -> list[sqlite3.Row]:
+async def seed_demo(storage: Storage) -> list:
     """Fill an empty database with the demo gym; the users to print links for."""
-    with _Transaction(db):
-        if db.execute(COUNT_USERS).fetchone()[0]:
+    async with storage.admin_change() as tx:
+        if (await tx.fetch_one(COUNT_USERS))[0]:
             return []
         now = utc_now_iso()
         for user_id, name, role in DEMO_USERS:
-            db.execute(INSERT_USER, {"user_id": user_id, "name": name, "role": role,
-                                     "created_at": now})
+            await tx.execute(INSERT_USER, {"user_id": user_id, "name": name, "role": role,
+                                           "created_at": now})
         trainer_id = DEMO_USERS[0][0]
-        session_ids = [db.execute(INSERT_SESSION, {"trainer_id": trainer_id, "member_id": member_id,
-                                                   "created_at": now}).fetchone()[0]
+        session_ids = [(await tx.fetch_one(INSERT_SESSION, {"trainer_id": trainer_id,
+                                                             "member_id": member_id,
+                                                             "created_at": now}))[0]
                        for member_id, _, _ in DEMO_USERS[1:]]
-        demo_chats = [{"session_id": session_ids[session_index], "user_id": user_id,
-                       "content": content, "client_id": f"demo-{number}", "created_at": now}
-                      for number, (session_index, user_id, content) in enumerate(DEMO_MESSAGES, 1)]
-        db.execute(INSERT_CHAT_MESSAGES, {"batch": chat_batch_json(demo_chats)}).fetchall()
-        db.execute(INSERT_SPREAD_MESSAGES, {"user_id": trainer_id, "content": DEMO_SPREAD,
-                                            "client_id": "demo-spread", "created_at": now}).fetchall()
-    return [find_user(db, user_id) for user_id, _, _ in DEMO_USERS]
+        await tx.insert_chats([{"session_id": session_ids[session_index], "user_id": user_id,
+                                "content": content, "client_id": f"demo-{number}",
+                                "created_at": now}
+                               for number, (session_index, user_id, content)
+                               in enumerate(DEMO_MESSAGES, 1)])
+        await tx.fetch_all(INSERT_SPREAD_MESSAGES, {"user_id": trainer_id, "content": DEMO_SPREAD,
+                                                    "client_id": "demo-spread", "created_at": now})
+        return [await find_user(tx, user_id) for user_id, _, _ in DEMO_USERS]
 
 
 HTTP_OPTIONS = {"access_log_class": PathOnlyAccessLogger, "keepalive_timeout": KEEPALIVE_TIMEOUT_S}
 
 
-async def run_server(settings: Settings, demo_users: list[sqlite3.Row], secret: str) -> None:
+async def run_server(settings: Settings, demo_users: list, secret: str) -> None:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(AcceptErrorReporter())
     open_file_limit = raise_open_file_limit()
@@ -2552,9 +2740,9 @@ async def run_server(settings: Settings, demo_users: list[sqlite3.Row], secret: 
         token = issue_token(secret, user["id"], user["role"], user["name"],
                             _ttl_seconds(DEFAULT_TOKEN_TTL))
         print(f"  {user['name']} ({user['role']}): {sign_in_link(settings, token)}", flush=True)
-    # What startup loaded lives as long as the process: no collection need scan it.
-    # With fewer young collections, full ones come every ~15 s instead of every
-    # 0.7 s at 2,000 msg/s: ack p99 42 -> 33 ms, max acked msg/s +17 %.
+    # What startup loaded lives as long as the process: no collection need scan
+    # it. Fewer young collections mean far fewer full ones under load (README,
+    # Performance, has the measurements).
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
     stop = asyncio.Event()
@@ -2567,17 +2755,25 @@ async def run_server(settings: Settings, demo_users: list[sqlite3.Row], secret: 
     await runner.cleanup()
 
 
-def cmd_serve(db: sqlite3.Connection, settings: Settings, args: argparse.Namespace) -> None:
-    demo_users = seed_demo(db) if settings.demo else []
+COMMANDS = {"add-user": cmd_add_user, "add-session": cmd_add_session,
+            "end-session": cmd_end_session, "token": cmd_token, "import": cmd_import}
+
+
+async def run_command(command: str, settings: Settings, args: argparse.Namespace) -> None:
+    """A management command, or the server: the demo gym and the secret first,
+    through a storage of its own that is closed before the server opens its own."""
+    storage = await Storage.open(settings, busy_timeout_ms=CLI_BUSY_TIMEOUT_MS)
+    try:
+        if command != "serve":
+            await COMMANDS[command](storage, settings, args)
+            return
+        demo_users = await seed_demo(storage) if settings.demo else []
+        secret = await cli_secret(storage, settings)
+    finally:
+        await storage.close()
     if demo_users:
         print("Empty database: seeded the demo gym. Sign in with these links (valid 12 h):")
-    secret = cli_secret(db, settings)
-    db.close()
-    asyncio.run(run_server(settings, demo_users, secret))
-
-
-COMMANDS = {"serve": cmd_serve, "add-user": cmd_add_user, "add-session": cmd_add_session,
-            "end-session": cmd_end_session, "token": cmd_token, "import": cmd_import}
+    await run_server(settings, demo_users, secret)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -2590,12 +2786,8 @@ def main(argv: list[str] | None = None) -> int:
     # aiosqlite's debug lines carry SQL parameters: message text never goes to a log.
     logging.getLogger("aiosqlite").setLevel(logging.INFO)
     try:
-        db = open_cli_database(settings)
-        try:
-            COMMANDS[args.command or "serve"](db, settings, args)
-        finally:
-            db.close()
-    except CommandError as error:
+        asyncio.run(run_command(args.command or "serve", settings, args))
+    except (CommandError, StorageUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import os
 import socket
+import sqlite3
+import struct
 import subprocess
 import sys
 import time
@@ -38,20 +42,34 @@ def make_settings(tmp_path: Path, **overrides) -> dc.Settings:
     return dc.Settings(**values)
 
 
+def change_storage(settings: dc.Settings, change) -> None:
+    """Run ``await change(tx)`` in one management change of the server's own
+    storage. In a thread of its own: tests call this from a running loop."""
+    async def run() -> None:
+        storage = await dc.Storage.open(settings)
+        try:
+            async with storage.admin_change() as tx:
+                await change(tx)
+        finally:
+            await storage.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, run()).result()
+
+
 def seed_gym(settings: dc.Settings, users=USERS, sessions=SESSIONS) -> None:
-    """Users and sessions through the same statements the CLI uses."""
-    db = dc.open_cli_database(settings)
-    try:
+    """Users and sessions through the same storage and statements the CLI uses."""
+    async def seed(tx) -> None:
         now = dc.utc_now_iso()
         for user_id, name, role in users:
-            db.execute(dc.INSERT_USER, {"user_id": user_id, "name": name, "role": role,
-                                        "created_at": now})
+            await tx.execute(dc.INSERT_USER, {"user_id": user_id, "name": name, "role": role,
+                                              "created_at": now})
         for session_id, trainer_id, member_id in sessions:
-            db.execute(dc.INSERT_SESSION_WITH_ID, {"session_id": session_id,
-                                                   "trainer_id": trainer_id,
-                                                   "member_id": member_id, "created_at": now})
-    finally:
-        db.close()
+            await tx.execute(dc.INSERT_SESSION_WITH_ID, {"session_id": session_id,
+                                                         "trainer_id": trainer_id,
+                                                         "member_id": member_id,
+                                                         "created_at": now})
+    change_storage(settings, seed)
 
 
 def make_token(user_id: str, role: str | None = None, *, ttl_s: float = 3600,
@@ -87,8 +105,8 @@ MESSAGES_PATH = "/distributor/chat/rooms/{}/messages"
 ROOM_TRAINERS = {"pt_1": "t1", "pt_2": "t1", "pt_3": "t2", "pt_4": "t1"}
 
 
-async def stored_messages(client, room_id: str = "pt_1") -> list[dict]:
-    """Every stored message of a room, read over HTTP by the room's trainer."""
+async def messages_over_http(client, room_id: str = "pt_1") -> list[dict]:
+    """Every message of a room as the messages API serves it to the room's trainer."""
     messages, after_id = [], 0
     while True:
         response = await client.get(MESSAGES_PATH.format(room_id),
@@ -262,11 +280,13 @@ def server_process(tmp_path):
             server.process.wait()
 
 
-def run_cli(*args: str, db_path: Path, env: dict | None = None, stdin=None,
+def run_cli(*args: str, db_path: Path, env: dict | None = None, stdin: str | None = None,
             timeout_s: float = 30) -> subprocess.CompletedProcess:
+    """A management command as a gym runs it; ``stdin`` is its input (none by default)."""
     return subprocess.run([sys.executable, str(SERVER_SCRIPT), *args, "--db", str(db_path)],
                           capture_output=True, text=True, timeout=timeout_s,
-                          env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+                          env={**os.environ, **(env or {})},
+                          input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
 
 
 class PageParser(HTMLParser):
@@ -291,3 +311,35 @@ class PageParser(HTMLParser):
 
     def handle_data(self, data):
         (self.scripts if self._in_script else self.text).append(data)
+
+
+def stored_rows(db_path: Path) -> list[dict]:
+    """Every stored message as it is in the file (not as the API serves it), by
+    id, read through a read-only connection."""
+    uri = f"{Path(db_path).resolve().as_uri()}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
+        db.row_factory = sqlite3.Row
+        return [dict(row) for row in db.execute(
+            "SELECT id, session_id, user_id, type, content, client_id, created_at "
+            "FROM messages ORDER BY id")]
+
+
+def parse_frame(buffer: bytearray) -> tuple[int, bytes] | None:
+    """Take one whole server frame (opcode, payload) off the buffer, or None yet."""
+    if len(buffer) < 2:
+        return None
+    opcode, length, position = buffer[0] & 0x0F, buffer[1] & 0x7F, 2
+    assert not buffer[1] & 0x80, "a server must not mask its frames"
+    if length == 126:
+        if len(buffer) < 4:
+            return None
+        length, position = struct.unpack_from("!H", buffer, 2)[0], 4
+    elif length == 127:
+        if len(buffer) < 10:
+            return None
+        length, position = struct.unpack_from("!Q", buffer, 2)[0], 10
+    if len(buffer) < position + length:
+        return None
+    payload = bytes(buffer[position:position + length])
+    del buffer[:position + length]
+    return opcode, payload

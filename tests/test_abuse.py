@@ -29,9 +29,9 @@ import pytest
 from aiohttp import WSMsgType, web
 
 import distributor_chat as dc
-from conftest import (SECRET, PageParser, ack_of, auth, make_settings, make_token, marker,
-                      next_error, open_room, receive_until, seed_gym, send_chat, stored_messages,
-                      wait_until)
+from conftest import (SECRET, PageParser, ack_of, auth, change_storage, make_settings, make_token,
+                      marker, messages_over_http, next_error, open_room, parse_frame,
+                      receive_until, seed_gym, send_chat, wait_until)
 
 WS_PATH = "/distributor/ws/chat/{}"
 ROOMS = "/distributor/chat/rooms"
@@ -95,27 +95,6 @@ def check_upgrade(head: bytes, key: str) -> bytes:
                for name, _, value in (line.partition(":") for line in header_lines)}
     assert headers.get("sec-websocket-accept") == accept, headers
     return leftover
-
-
-def parse_frame(buffer: bytearray) -> tuple[int, bytes] | None:
-    """Take one whole server frame (opcode, payload) off the buffer, or None yet."""
-    if len(buffer) < 2:
-        return None
-    opcode, length, position = buffer[0] & 0x0F, buffer[1] & 0x7F, 2
-    assert not buffer[1] & 0x80, "a server must not mask its frames"
-    if length == 126:
-        if len(buffer) < 4:
-            return None
-        length, position = struct.unpack_from("!H", buffer, 2)[0], 4
-    elif length == 127:
-        if len(buffer) < 10:
-            return None
-        length, position = struct.unpack_from("!Q", buffer, 2)[0], 10
-    if len(buffer) < position + length:
-        return None
-    payload = bytes(buffer[position:position + length])
-    del buffer[:position + length]
-    return opcode, payload
 
 
 class RawWebSocket:
@@ -611,6 +590,20 @@ async def open_probes(http: aiohttp.ClientSession, server) -> list:
             for session_id, _, user_id in PROBE_SESSIONS]
 
 
+def blocking_upgrade(port: int, user_id: str, room_id: str) -> tuple[socket.socket, bytearray]:
+    """A blocking socket past the 101, for an attacker in a thread of its own, and
+    the bytes that came after the handshake."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    request, key = upgrade_request("127.0.0.1", port, WS_PATH.format(room_id), auth(user_id))
+    sock.sendall(request)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1024)
+        assert chunk, head
+        head += chunk
+    return sock, bytearray(check_upgrade(head, key))
+
+
 class ThreadSpammer:
     """A spammer with blocking sockets in threads of its own, so its sending never
     waits on the test's event loop: every frame in one sendall, as fast as the
@@ -624,16 +617,7 @@ class ThreadSpammer:
 
     def connect(self) -> None:
         """Handshake and build the frames, so that ``blast`` is nothing but sending."""
-        self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
-        request, key = upgrade_request("127.0.0.1", self.port, WS_PATH.format(self.room_id),
-                                       auth(self.user_id))
-        self.sock.sendall(request)
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = self.sock.recv(1024)
-            assert chunk, head
-            head += chunk
-        self.buffer = bytearray(check_upgrade(head, key))
+        self.sock, self.buffer = blocking_upgrade(self.port, self.user_id, self.room_id)
         self.frames = b"".join(client_frame(OP_TEXT, json.dumps(
             {"type": "chat", "content": f"spam {number}", "client_id": f"spam-{number}"}).encode())
             for number in range(self.count))
@@ -1088,7 +1072,7 @@ async def test_sql_injection_in_every_parameter_is_refused_or_stored_verbatim(cl
     await send_chat(trainer, payload, client_id, frame_type="spread")
     assert (await ack_of(trainer, client_id))["rooms"] == 2
 
-    stored = await stored_messages(client, "pt_1") + await stored_messages(client, "pt_2")
+    stored = await messages_over_http(client, "pt_1") + await messages_over_http(client, "pt_2")
     assert [(m["user_id"], m["type"], m["content"], m["client_id"]) for m in stored] == [
         ("m1", "chat", payload, client_id), ("t1", "spread", payload, client_id),
         ("t1", "spread", payload, client_id)]
@@ -1138,7 +1122,7 @@ async def test_guessing_room_ids_reaches_only_your_own_rooms(client, user_id):
         assert response.status in (403, 404)
     # The rooms of others still hold exactly their own secret: nothing was written by guessing.
     for room_id in existing:
-        assert [m["content"] for m in await stored_messages(client, room_id)] == [
+        assert [m["content"] for m in await messages_over_http(client, room_id)] == [
             SECRET_TEXT.format(room_id)]
 
 
@@ -1531,16 +1515,7 @@ class PingSpammer:
         self.close_code: int | None = None
 
     def connect(self) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
-        request, key = upgrade_request("127.0.0.1", self.port, WS_PATH.format(self.room_id),
-                                       auth(self.user_id))
-        self.sock.sendall(request)
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = self.sock.recv(1024)
-            assert chunk, head
-            head += chunk
-        self.buffer = bytearray(check_upgrade(head, key))
+        self.sock, self.buffer = blocking_upgrade(self.port, self.user_id, self.room_id)
         self.frames = b"".join(client_frame(OP_PING, b"x" * 16) for _ in range(self.count))
 
     def _read(self) -> None:
@@ -1604,14 +1579,15 @@ async def test_a_ping_flood_on_20_sockets_is_cut_off_without_slowing_other_users
 EMOJI_CONTENT = "💪" * 2000  # 8,000 bytes of UTF-8; 24,000 as \\u escapes
 
 
-def store_emoji_messages(db_path: Path, count: int) -> None:
+def store_emoji_messages(settings, count: int) -> None:
     """``count`` long emoji messages in pt_1, through the server's own batch insert."""
     chats = [{"session_id": 1, "user_id": "t1", "content": EMOJI_CONTENT,
               "client_id": f"emoji-{number}", "created_at": dc.utc_now_iso()}
              for number in range(count)]
-    with contextlib.closing(sqlite3.connect(db_path)) as db:
-        db.execute(dc.INSERT_CHAT_MESSAGES, {"batch": dc.chat_batch_json(chats)}).fetchall()
-        db.commit()
+
+    async def store(tx) -> None:
+        await tx.insert_chats(chats)
+    change_storage(settings, store)
 
 
 async def resume_from_the_start(http: aiohttp.ClientSession, server) -> tuple[int | None, int]:
@@ -1640,7 +1616,7 @@ async def test_costly_history_reads_are_capped_and_do_not_slow_other_users(
     settings = make_settings(tmp_path)
     seed_gym(settings)
     seed_gym(settings, users=PROBE_USERS, sessions=PROBE_SESSIONS)
-    store_emoji_messages(settings.db_path, 500)
+    store_emoji_messages(settings, 500)
     server = server_process("--log-level", "warning")
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         probes = await open_probes(http, server)

@@ -22,7 +22,7 @@ from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import Page, async_playwright, expect
 
 from conftest import (USERS, make_settings, make_token, open_room, receive_until, seed_gym, send_chat,
-                      stored_messages)
+                      messages_over_http)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -112,7 +112,7 @@ def exactly(text: str) -> re.Pattern:
     return re.compile("^" + re.escape(text) + "$")
 
 
-def stored_rows(page: Page, text: str | None = None):
+def stored_bubbles(page: Page, text: str | None = None):
     """Stored message bubbles (with data-id), optionally only those whose text is `text`."""
     rows = page.locator(".timeline .message-row[data-id]")
     if text is not None:
@@ -134,7 +134,7 @@ def reconnecting(page: Page):
 async def stored(server, room_id: str = "pt_1") -> list[dict]:
     """Every stored message of the room, over HTTP with the trainer's Bearer token."""
     async with aiohttp.ClientSession(base_url=server.base_url) as http:
-        return await stored_messages(http, room_id)
+        return await messages_over_http(http, room_id)
 
 
 async def contents(server, room_id: str = "pt_1") -> Counter:
@@ -213,42 +213,42 @@ async def test_live_send_and_receive_both_ways_own_right_other_left(new_context,
     member = await open_chat(new_context, server, "m1")
 
     await type_and_send(member, "코치님 안녕하세요")
-    await expect(stored_rows(member, "코치님 안녕하세요")).to_have_count(1)
-    await expect(stored_rows(trainer, "코치님 안녕하세요")).to_have_count(1)
+    await expect(stored_bubbles(member, "코치님 안녕하세요")).to_have_count(1)
+    await expect(stored_bubbles(trainer, "코치님 안녕하세요")).to_have_count(1)
 
     await type_and_send(trainer, "네, 반갑습니다")
-    await expect(stored_rows(trainer, "네, 반갑습니다")).to_have_count(1)
-    await expect(stored_rows(member, "네, 반갑습니다")).to_have_count(1)
+    await expect(stored_bubbles(trainer, "네, 반갑습니다")).to_have_count(1)
+    await expect(stored_bubbles(member, "네, 반갑습니다")).to_have_count(1)
 
     for page, mine, theirs in ((member, "코치님 안녕하세요", "네, 반갑습니다"),
                                (trainer, "네, 반갑습니다", "코치님 안녕하세요")):
-        await expect(stored_rows(page, mine)).to_have_class(re.compile(r"\bis-mine\b"))
-        await expect(stored_rows(page, theirs)).not_to_have_class(re.compile(r"\bis-mine\b"))
+        await expect(stored_bubbles(page, mine)).to_have_class(re.compile(r"\bis-mine\b"))
+        await expect(stored_bubbles(page, theirs)).not_to_have_class(re.compile(r"\bis-mine\b"))
         timeline = await page.locator(".timeline").bounding_box()
         middle = timeline["x"] + timeline["width"] / 2
-        own = await stored_rows(page, mine).locator(".bubble").bounding_box()
-        other = await stored_rows(page, theirs).locator(".bubble").bounding_box()
+        own = await stored_bubbles(page, mine).locator(".bubble").bounding_box()
+        other = await stored_bubbles(page, theirs).locator(".bubble").bounding_box()
         assert own["x"] > middle, "own message is not on the right"
         assert other["x"] + other["width"] < middle, "the other's message is not on the left"
     # The peer's page renders their name for the other's bubble.
-    await expect(stored_rows(trainer, "코치님 안녕하세요")).to_contain_text("Member One")
+    await expect(stored_bubbles(trainer, "코치님 안녕하세요")).to_contain_text("Member One")
 
 
 async def test_unread_one_disappears_when_the_other_opens_the_room(new_context, server):
     member = await open_chat(new_context, server, "m1")
     await type_and_send(member, "읽으면 1이 사라져요")
-    mark = stored_rows(member, "읽으면 1이 사라져요").locator(".unread-mark")
+    mark = stored_bubbles(member, "읽으면 1이 사라져요").locator(".unread-mark")
     await expect(mark).to_have_text("1")
 
     trainer = await open_chat(new_context, server, "t1")  # opening the room reads it
-    await expect(stored_rows(trainer, "읽으면 1이 사라져요")).to_have_count(1)
+    await expect(stored_bubbles(trainer, "읽으면 1이 사라져요")).to_have_count(1)
     await expect(mark).to_have_count(0)  # on the member's page, without reload
     await expect(member.locator(".unread-mark")).to_have_count(0)
 
     # While both are in the room, a new message is read at once too.
     await type_and_send(member, "지금도 읽음")
-    await expect(stored_rows(trainer, "지금도 읽음")).to_have_count(1)
-    await expect(stored_rows(member, "지금도 읽음")).to_have_count(1)
+    await expect(stored_bubbles(trainer, "지금도 읽음")).to_have_count(1)
+    await expect(stored_bubbles(member, "지금도 읽음")).to_have_count(1)
     await expect(member.locator(".unread-mark")).to_have_count(0)
 
 
@@ -265,10 +265,10 @@ async def test_enter_sends_and_shift_enter_is_a_newline(new_context, server):
 
     await member.keyboard.press("Enter")
     await expect(box).to_have_value("")
-    rows = stored_rows(trainer)
+    rows = stored_bubbles(trainer)
     await expect(rows).to_have_count(1)
     assert await rows.locator(".bubble-text").inner_text() == "첫 줄\n둘째 줄"
-    await expect(stored_rows(member)).to_have_count(1)
+    await expect(stored_bubbles(member)).to_have_count(1)
     assert [m["content"] for m in await stored(server)] == ["첫 줄\n둘째 줄"]
 
 
@@ -301,9 +301,9 @@ async def test_enter_during_ime_composition_does_not_send(new_context, server):
     # Nothing sent: no bubble, pending or stored, and nothing stored on the server.
     # A message from the trainer, shown on the member's page, is the sync point.
     await send_over_socket(server, "t1", ["동기화"])
-    await expect(stored_rows(member, "동기화")).to_have_count(1)
+    await expect(stored_bubbles(member, "동기화")).to_have_count(1)
     await expect(unsent_rows(member)).to_have_count(0)
-    await expect(stored_rows(member)).to_have_count(1)
+    await expect(stored_bubbles(member)).to_have_count(1)
     assert len(await stored(server)) == before + 1
     await expect(box).to_have_value("안녕하세요 반")
 
@@ -313,7 +313,7 @@ async def test_enter_during_ime_composition_does_not_send(new_context, server):
     await cdp.send("Input.dispatchKeyEvent", enter_down)
     await cdp.send("Input.dispatchKeyEvent", enter_up)
     assert await member.evaluate("window.__enterKeys") == [True, False]
-    await expect(stored_rows(member, "안녕하세요 반")).to_have_count(1)
+    await expect(stored_bubbles(member, "안녕하세요 반")).to_have_count(1)
     await expect(box).to_have_value("")
     assert (await contents(server))["안녕하세요 반"] == 1
     assert len(await stored(server)) == before + 2
@@ -328,9 +328,9 @@ async def test_pending_until_ack_then_stored_bubble_with_id(new_context, server)
         await expect(pending).to_have_class(re.compile(r"\bis-mine\b"))
         await expect(pending.locator(".bubble-text")).to_have_text("확인 대기")
         await expect(pending).not_to_have_attribute("data-id", re.compile(".*"))
-        await expect(stored_rows(member)).to_have_count(0)
+        await expect(stored_bubbles(member)).to_have_count(0)
     await expect(unsent_rows(member)).to_have_count(0)
-    row = stored_rows(member, "확인 대기")
+    row = stored_bubbles(member, "확인 대기")
     await expect(row).to_have_count(1)
     [message] = await stored(server)
     await expect(row).to_have_attribute("data-id", str(message["id"]))
@@ -344,7 +344,7 @@ async def test_missed_messages_appear_once_after_a_server_restart(new_context, s
     await page.goto(login_url(server, "m1"))
     await expect(page.locator(".connection-online")).to_be_visible()
     await type_and_send(page, "재시작 전")
-    await expect(stored_rows(page, "재시작 전")).to_have_count(1)
+    await expect(stored_bubbles(page, "재시작 전")).to_have_count(1)
     [first] = await stored(server)
 
     assert server.stop() == 0  # SIGTERM: the server closes every socket with 1001
@@ -356,14 +356,14 @@ async def test_missed_messages_appear_once_after_a_server_restart(new_context, s
     server.start()  # same port, same database
     missed = [f"놓친 메시지 {n}" for n in range(1, 4)]
     ids = await send_over_socket(server, "t1", missed)
-    await expect(stored_rows(page, missed[0])).to_have_count(0)
+    await expect(stored_bubbles(page, missed[0])).to_have_count(0)
 
     await context.set_offline(False)  # the `online` event: reconnect at once
     await expect(page.locator(".connection-online")).to_be_visible(timeout=5_000)
     for message_id, text in zip(ids, missed):
         await expect(page.locator(f'.timeline .message-row[data-id="{message_id}"]')).to_have_count(1)
-        await expect(stored_rows(page, text)).to_have_count(1)
-    await expect(stored_rows(page, "재시작 전")).to_have_count(1)
+        await expect(stored_bubbles(page, text)).to_have_count(1)
+    await expect(stored_bubbles(page, "재시작 전")).to_have_count(1)
     all_ids = await ids_on_page(page)
     assert all_ids == sorted(set(all_ids)) == [first["id"], *ids]
     assert f"after={first['id']}" in sockets[-1], sockets  # resumed with after=
@@ -414,7 +414,7 @@ async def test_resume_past_500_missed_fills_the_gap_while_live_messages_arrive(
         release.set()
 
         expected = [first_id, *missed_ids, live_id]
-        await expect(stored_rows(page)).to_have_count(len(expected), timeout=10_000)
+        await expect(stored_bubbles(page)).to_have_count(len(expected), timeout=10_000)
         assert await ids_on_page(page) == expected
         # Once the gap is filled, the page reads through the newest message.
         await receive_until(trainer, lambda f: f["type"] == "read" and f["message_id"] == live_id)
@@ -436,11 +436,11 @@ async def test_no_ack_in_10_s_shows_retry_and_retry_delivers_once(new_context, s
         await retry.click()  # the same client_id again, still no answer
         await expect(unsent_rows(member, text)).to_have_class(re.compile(r"\bis-pending\b"))
     await expect(unsent_rows(member)).to_have_count(0)
-    await expect(stored_rows(member, text)).to_have_count(1)
-    await expect(stored_rows(trainer, text)).to_have_count(1)
+    await expect(stored_bubbles(member, text)).to_have_count(1)
+    await expect(stored_bubbles(trainer, text)).to_have_count(1)
     assert (await contents(server))[text] == 1
-    await expect(stored_rows(member)).to_have_count(1)
-    await expect(stored_rows(trainer)).to_have_count(1)
+    await expect(stored_bubbles(member)).to_have_count(1)
+    await expect(stored_bubbles(trainer)).to_have_count(1)
 
 
 async def test_delete_drops_a_failed_message_and_unsent_survive_reload(new_context, server):
@@ -471,12 +471,12 @@ async def test_delete_drops_a_failed_message_and_unsent_survive_reload(new_conte
     server.start()
     await page.reload()  # from the server again: connects and sends what it kept
     await expect(page.locator(".connection-online")).to_be_visible()
-    await expect(stored_rows(page, "살아남을 메시지")).to_have_count(1)
+    await expect(stored_bubbles(page, "살아남을 메시지")).to_have_count(1)
     await expect(unsent_rows(page)).to_have_count(0)
     assert await contents(server) == Counter({"살아남을 메시지": 1})
     assert "살아남을 메시지" not in await outbox_in_storage(page)
     await page.reload()
-    await expect(stored_rows(page, "살아남을 메시지")).to_have_count(1)
+    await expect(stored_bubbles(page, "살아남을 메시지")).to_have_count(1)
     await expect(unsent_rows(page)).to_have_count(0)
 
 
@@ -489,10 +489,10 @@ async def test_html_in_messages_and_names_is_shown_as_text(new_context, server_p
 
     await type_and_send(member, XSS)
     for page in (trainer, member):
-        await expect(stored_rows(page, XSS)).to_have_count(1)
+        await expect(stored_bubbles(page, XSS)).to_have_count(1)
         await expect(page.locator(".timeline img")).to_have_count(0)
         assert await page.evaluate("typeof window.__xss") == "undefined"
-    await expect(stored_rows(trainer, XSS).locator(".message-sender")).to_have_text(XSS)
+    await expect(stored_bubbles(trainer, XSS).locator(".message-sender")).to_have_text(XSS)
     await expect(trainer.locator(".chat-page")).to_contain_text(XSS)  # the peer name in the header
     assert await trainer.locator(".chat-page img").count() == 0
 
@@ -573,13 +573,13 @@ async def test_phone_screen_has_no_horizontal_scroll_and_labelled_controls(new_c
     member = await open_chat(new_context, server, "m1", **phone)
     long_word = "가나다라마바사" * 60 + "https://example.com/" + "x" * 400
     await type_and_send(member, "짧은 메시지")
-    await expect(stored_rows(member, "짧은 메시지")).to_have_count(1)
+    await expect(stored_bubbles(member, "짧은 메시지")).to_have_count(1)
     await type_and_send(member, long_word)
     for page in (trainer, member):
-        await expect(stored_rows(page, "짧은 메시지")).to_have_count(1)
-        await expect(stored_rows(page, long_word)).to_have_count(1)
+        await expect(stored_bubbles(page, "짧은 메시지")).to_have_count(1)
+        await expect(stored_bubbles(page, long_word)).to_have_count(1)
         assert await horizontal_overflow(page) <= 390
-        box = await stored_rows(page, long_word).locator(".bubble").bounding_box()
+        box = await stored_bubbles(page, long_word).locator(".bubble").bounding_box()
         assert box["x"] >= 0 and box["x"] + box["width"] <= 390
 
     textbox = member.get_by_role("textbox", name="메시지")
@@ -599,7 +599,7 @@ async def test_older_messages_load_when_scrolling_up(new_context, server_process
     texts = [f"기록 {n:03d}" for n in range(1, 121)]
     ids = await send_over_socket(server, "m1", texts)
     trainer = await open_chat(new_context, server, "t1")
-    rows = stored_rows(trainer)
+    rows = stored_bubbles(trainer)
     await expect(rows).to_have_count(50)  # the latest 50
     assert await ids_on_page(trainer) == ids[-50:]
     scroller = trainer.locator(".timeline-scroller")
@@ -607,8 +607,8 @@ async def test_older_messages_load_when_scrolling_up(new_context, server_process
         await scroller.evaluate("(element) => { element.scrollTop = 0 }")
         await expect(rows).to_have_count(expected)
     assert await ids_on_page(trainer) == ids  # each once, in order
-    await expect(stored_rows(trainer, "기록 001")).to_have_count(1)
-    await expect(stored_rows(trainer, "기록 120")).to_have_count(1)
+    await expect(stored_bubbles(trainer, "기록 001")).to_have_count(1)
+    await expect(stored_bubbles(trainer, "기록 120")).to_have_count(1)
 
 
 async def test_typing_shows_on_the_other_page(new_context, server):
@@ -621,7 +621,7 @@ async def test_typing_shows_on_the_other_page(new_context, server):
     await expect(typing).to_contain_text("Member One")
     await expect(member.locator(".typing")).to_have_count(0)  # not on the typist's own page
     await composer(member).press("Enter")
-    await expect(stored_rows(trainer, "입력 중")).to_have_count(1)
+    await expect(stored_bubbles(trainer, "입력 중")).to_have_count(1)
     await expect(typing).to_have_count(0)
     # Typing again right after sending starts a new bout: it shows at once.
     await composer(member).press_sequentially("다음")

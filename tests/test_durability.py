@@ -15,18 +15,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import make_token
+from conftest import make_token, stored_rows
 
 # (user, room) pairs of the conftest gym that may talk.
 SENDERS = (("m1", "pt_1"), ("t1", "pt_1"), ("m2", "pt_2"), ("t2", "pt_3"), ("m3", "pt_3"))
 SERVER_ARGS = ("--rate-limit", "0", "--log-level", "warning")
-
-
-def stored_messages(db_path: Path) -> list[tuple]:
-    """(id, session_id, user_id, client_id, content) of every stored message, by id."""
-    with closing(sqlite3.connect(db_path)) as db:
-        return db.execute("SELECT id, session_id, user_id, client_id, content FROM messages "
-                          "ORDER BY id").fetchall()
 
 
 def content_of(user_id: str, client_id: str) -> str:
@@ -109,13 +102,14 @@ class LoadClient:
 def assert_acked_stored_exactly_once(db_path: Path, clients: list[LoadClient], *,
                                      check_order: bool = True) -> dict:
     """Every acked message is stored once with its acked id; returns client_id -> id."""
-    rows = stored_messages(db_path)
-    contents = [row[4] for row in rows]
+    rows = stored_rows(db_path)
+    contents = [row["content"] for row in rows]
     assert len(contents) == len(set(contents)), "a message was stored twice"
     stored = {}
-    for message_id, session_id, user_id, client_id, content in rows:
-        assert (user_id, client_id) not in stored, f"{client_id} stored twice"
-        stored[(user_id, client_id)] = (message_id, f"pt_{session_id}", content)
+    for row in rows:
+        key = (row["user_id"], row["client_id"])
+        assert key not in stored, f"{row['client_id']} stored twice"
+        stored[key] = (row["id"], f"pt_{row['session_id']}", row["content"])
     for client in clients:
         for client_id, acked_id in client.acks.items():
             assert stored.get((client.user_id, client_id)) == (
@@ -196,8 +190,8 @@ async def test_sigkill_loses_no_acked_message_and_resends_store_once(server_proc
         for room_id, reader in (("pt_1", "m1"), ("pt_2", "m2"), ("pt_3", "m3")):
             ids = [m["id"] for m in await room_messages(http, restarted.base_url, room_id, reader)]
             assert ids == sorted(set(ids))
-            assert len(ids) == sum(1 for row in stored_messages(restarted.db_path)
-                                   if f"pt_{row[1]}" == room_id)
+            assert len(ids) == sum(1 for row in stored_rows(restarted.db_path)
+                                   if f"pt_{row['session_id']}" == room_id)
 
         # Resend everything not acked, plus a few that were, with the same client_ids.
         resent: list[tuple[LoadClient, LoadClient, list[str]]] = []

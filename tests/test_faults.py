@@ -30,7 +30,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType
 
-from conftest import make_token, run_cli
+from conftest import make_token, run_cli, stored_rows
 
 WS_PATH = "/distributor/ws/chat/{}"
 MESSAGES_PATH = "/distributor/chat/rooms/{}/messages"
@@ -253,14 +253,6 @@ async def wait_closed(clients: list[ChatClient], timeout_s: float = 10) -> None:
 # --------------------------------------------------------- the storage ---
 
 
-def stored_rows(db_path: Path) -> list[tuple]:
-    """Every stored message, read from the file through a read-only connection."""
-    uri = f"{db_path.resolve().as_uri()}?mode=ro"
-    with closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
-        return db.execute("SELECT id, session_id, user_id, type, content, client_id, created_at "
-                          "FROM messages ORDER BY id").fetchall()
-
-
 def check_stored(db_path: Path, clients: list[ChatClient], *,
                  check_order: bool = True) -> dict[str, list[tuple[int, str]]]:
     """Each room's stored (id, client_id) list, checked: whole rows, every ack once at its id."""
@@ -269,7 +261,7 @@ def check_stored(db_path: Path, clients: list[ChatClient], *,
     stored_at: dict[str, int] = {}
     rooms: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for row in stored_rows(db_path):
-        message_id, session_id, user_id, kind, content, client_id, created_at = row
+        message_id, session_id, user_id, kind, content, client_id, created_at = row.values()
         client = owners.get(client_id)
         assert client is not None, f"stored {client_id!r} was never sent"
         assert (user_id, f"pt_{session_id}", kind) == (client.user_id, client.room_id, "chat"), \

@@ -33,7 +33,7 @@ from urllib.parse import quote, unquote, urlsplit
 import aiohttp
 from hypothesis import HealthCheck, given, note, settings, strategies as st
 
-from conftest import ERROR_CODES, USERS, make_token
+from conftest import ERROR_CODES, USERS, make_token, marker, parse_frame
 
 BASE = "/distributor"
 ROOMS = f"{BASE}/chat/rooms"
@@ -110,20 +110,13 @@ async def collect(ws, stop, timeout_s: float = RECEIVE_TIMEOUT_S) -> tuple[list[
             raise AssertionError(f"unexpected {message.type} (close code {ws.close_code})")
 
 
-def is_ack_of(client_id: str):
-    return lambda frame: frame["type"] == "ack" and frame["client_id"] == client_id
-
-
 _marker_numbers = itertools.count(1)
 
 
-async def marker(ws) -> tuple[list[dict], dict]:
-    """Send a good chat; every frame before its ack, and the ack. The server answers a
-    socket's frames in order, so everything a frame sent earlier caused is in there."""
-    client_id = f"marker-{next(_marker_numbers):06d}-\u2063"  # U+2063: no fuzzed id is like it
-    await ws.send_json({"type": "chat", "content": "ok", "client_id": client_id})
-    frames, closed = await collect(ws, is_ack_of(client_id))
-    assert closed is None, f"closed with {closed} before the marker's ack: {frames}"
+async def marked(ws) -> tuple[list[dict], dict]:
+    """conftest's marker, with an id no fuzzed frame has (U+2063): every frame
+    before its ack, and the ack."""
+    frames = await marker(ws, f"marker-{next(_marker_numbers):06d}-\u2063")
     return frames[:-1], frames[-1]
 
 
@@ -134,7 +127,9 @@ def read_only(db_path) -> sqlite3.Connection:
     return db
 
 
-def stored_rows(db_path) -> list[dict]:
+def stored_rows_with_rooms(db_path) -> list[dict]:
+    """Every stored message as raw bytes, with its room's participants and whether
+    its sender exists: what SPEC 5 allows to be stored, checked strictly."""
     with contextlib.closing(read_only(db_path)) as db:
         rows = db.execute(
             "SELECT m.id, m.session_id, m.user_id, m.type, m.content, m.client_id,"
@@ -408,7 +403,7 @@ class StoreModel:
         return max((row[0] for row in self.rows.values() if row[0] is not None), default=0)
 
     def check_database(self, db_path, max_chars: int) -> None:
-        rows = stored_rows(db_path)
+        rows = stored_rows_with_rooms(db_path)
         check_rows_follow_spec(rows, max_chars)
         stored = {(f"pt_{row['session_id']}", row["user_id"].decode(), row["client_id"].decode("utf-8")):
                   (row["id"], row["type"].decode(), row["content"].decode("utf-8")) for row in rows}
@@ -450,7 +445,7 @@ class FrameHarness:
             self.sockets[user_id] = await open_socket(self.session, self.base_url, user_id)
 
     async def send_marker(self, user_id: str) -> list[dict]:
-        frames, ack = await marker(self.sockets[user_id])
+        frames, ack = await marked(self.sockets[user_id])
         self.model.record(ROOM, user_id, ack["client_id"], ack["id"], "chat", "ok")
         return frames
 
@@ -752,14 +747,13 @@ class HttpAnswer:
 
 
 async def read_ws_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """One unmasked server frame (RFC 6455 section 5.2)."""
-    first, second = await reader.readexactly(2)
-    length = second & 0x7F
-    if length == 126:
-        length = int.from_bytes(await reader.readexactly(2), "big")
-    elif length == 127:
-        length = int.from_bytes(await reader.readexactly(8), "big")
-    return first & 0x0F, await reader.readexactly(length)
+    """The first server frame on the stream (what follows it is not read)."""
+    buffer = bytearray()
+    while (frame := parse_frame(buffer)) is None:
+        chunk = await reader.read(65536)
+        assert chunk, f"the stream ended inside a frame: {bytes(buffer[:40])!r}"
+        buffer += chunk
+    return frame
 
 
 async def read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
@@ -999,7 +993,7 @@ class UnicodeHarness:
 
     async def check_not_delivered(self, receiver: str, client_id: str) -> None:
         """A marker from the receiver comes back after anything the refusal sent it."""
-        frames, _ = await marker(self.sockets[receiver])
+        frames, _ = await marked(self.sockets[receiver])
         assert not [f for f in frames if f.get("client_id") == client_id], frames
 
     async def lone_surrogate(self, sender: str, content: str) -> None:
@@ -1048,7 +1042,7 @@ def run_unicode_property(server_process, property_name: str, strategy, examples:
             check()
         finally:
             runner.run(harness.stop())
-    rows = stored_rows(server.db_path)
+    rows = stored_rows_with_rooms(server.db_path)
     check_rows_follow_spec(rows, UNICODE_MAX_CHARS)
     check_server_healthy(server)
     print(f"\n{property_name}: {sum(harness.counts.values())} sends {harness.counts} "

@@ -12,7 +12,7 @@ from aiohttp import WSMsgType
 
 from conftest import (
     ack_of, auth, make_token, marker, next_error, open_room, receive_until,
-    run_cli, send_chat, stored_messages,
+    run_cli, send_chat, messages_over_http,
 )
 
 WS_PATH = "/distributor/ws/chat/{}"
@@ -230,7 +230,7 @@ async def test_history_without_after_is_the_latest_50(make_client):
     assert history["has_more"] is True
     for message in history["messages"]:
         assert_message_frame(message, room_id="pt_1", type="chat")
-    assert history["messages"] == (await stored_messages(client))[-50:]
+    assert history["messages"] == (await messages_over_http(client))[-50:]
 
     _, _, history = await open_room(client, "pt_1", "m1", after=ids[4])
     assert [m["id"] for m in history["messages"]] == ids[5:]
@@ -277,7 +277,7 @@ async def test_chat_is_stored_broadcast_and_acked(client):
 
     other = await receive_until(ws_t1, lambda f: f["type"] == "chat")
     assert other == chat
-    assert await stored_messages(client) == [chat]
+    assert await messages_over_http(client) == [chat]
     # the ack went to the sender only
     trainer_frames = await marker(ws_t1, "t-marker")
     assert not [f for f in trainer_frames if f["type"] == "ack" and f["client_id"] == "c-1"]
@@ -302,7 +302,7 @@ async def test_ids_increase_with_every_stored_message(client):
         await send_chat(ws, f"n{number}", f"n{number}")
         ids.append((await ack_of(ws, f"n{number}"))["id"])
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
-    assert [m["id"] for m in await stored_messages(client)] == ids
+    assert [m["id"] for m in await messages_over_http(client)] == ids
 
 
 async def test_content_limit_counts_unicode_code_points(make_client):
@@ -317,7 +317,7 @@ async def test_content_limit_counts_unicode_code_points(make_client):
         await send_chat(ws, content, client_id)
         error = await next_error(ws)
         assert (error["code"], error["client_id"]) == ("too_long", client_id)
-    assert [m["content"] for m in await stored_messages(client)] == ["😀👍🏋🔥💪", "안녕하세요", "abcde"]
+    assert [m["content"] for m in await messages_over_http(client)] == ["😀👍🏋🔥💪", "안녕하세요", "abcde"]
     await marker(ws, "still-open")
 
 
@@ -328,7 +328,7 @@ async def test_default_limit_is_2000_characters(client):
     await send_chat(ws, "가" * 2001, "over")
     error = await next_error(ws)
     assert (error["code"], error["client_id"]) == ("too_long", "over")
-    assert [len(m["content"]) for m in await stored_messages(client)] == [2000]
+    assert [len(m["content"]) for m in await messages_over_http(client)] == [2000]
 
 
 @pytest.mark.parametrize("content", ["", " ", "  \n\t  ", "\u3000"])
@@ -338,7 +338,7 @@ async def test_empty_content_is_refused(client, content):
     error = await next_error(ws)
     assert (error["code"], error["client_id"]) == ("empty", "e1")
     await marker(ws, "after")
-    assert [m["client_id"] for m in await stored_messages(client)] == ["after"]
+    assert [m["client_id"] for m in await messages_over_http(client)] == ["after"]
 
 
 @pytest.mark.parametrize("raw", [
@@ -358,7 +358,7 @@ async def test_bad_content_is_invalid_message(client, raw):
     error = await next_error(ws)
     assert (error["code"], error["client_id"]) == ("invalid_message", "x")
     await marker(ws, "after")
-    assert [m["client_id"] for m in await stored_messages(client)] == ["after"]
+    assert [m["client_id"] for m in await messages_over_http(client)] == ["after"]
 
 
 @pytest.mark.parametrize("client_id", [None, "", "x" * 65, 17, ["a"], {"a": 1}, True, "MISSING"],
@@ -372,7 +372,7 @@ async def test_bad_client_id_is_invalid_message(client, client_id):
     await ws.send_json(frame)
     assert (await next_error(ws))["code"] == "invalid_message"
     await marker(ws, "after")
-    assert [m["client_id"] for m in await stored_messages(client)] == ["after"]
+    assert [m["client_id"] for m in await messages_over_http(client)] == ["after"]
 
 
 async def test_client_id_of_64_characters_is_accepted(client):
@@ -380,7 +380,7 @@ async def test_client_id_of_64_characters_is_accepted(client):
     client_id = "한" * 64
     await send_chat(ws, "hi", client_id)
     assert (await ack_of(ws, client_id))["client_id"] == client_id
-    assert [m["client_id"] for m in await stored_messages(client)] == [client_id]
+    assert [m["client_id"] for m in await messages_over_http(client)] == [client_id]
 
 
 async def test_repeated_client_id_is_acked_with_the_first_id_and_not_stored_again(client):
@@ -399,7 +399,7 @@ async def test_repeated_client_id_is_acked_with_the_first_id_and_not_stored_agai
 
     trainer_frames = await marker(ws_t1, "t-marker")
     assert [f["client_id"] for f in trainer_frames if f["type"] == "chat"] == ["dup", "t-marker"]
-    assert [(m["client_id"], m["content"]) for m in await stored_messages(client)] == [
+    assert [(m["client_id"], m["content"]) for m in await messages_over_http(client)] == [
         ("dup", "first"), ("t-marker", "ok")]
 
 
@@ -412,8 +412,8 @@ async def test_same_client_id_from_another_user_or_room_is_a_new_message(client)
         await send_chat(ws, "same id", "shared")
         ids.add((await ack_of(ws, "shared"))["id"])
     assert len(ids) == 3
-    assert len(await stored_messages(client, "pt_1")) == 2
-    assert len(await stored_messages(client, "pt_2")) == 1
+    assert len(await messages_over_http(client, "pt_1")) == 2
+    assert len(await messages_over_http(client, "pt_2")) == 1
 
 
 @pytest.mark.parametrize("extra", [{"room_id": "pt_2"}, {"user_id": "t1"},
@@ -425,14 +425,14 @@ async def test_room_or_user_id_mismatch_is_forbidden(client, extra):
     await ws.send_json({"type": "read", "message_id": 1, **extra})
     assert (await next_error(ws))["code"] == "forbidden"
     await marker(ws, "after")
-    assert [m["client_id"] for m in await stored_messages(client)] == ["after"]
+    assert [m["client_id"] for m in await messages_over_http(client)] == ["after"]
 
 
 async def test_matching_room_and_user_id_are_accepted(client):
     ws, _, _ = await open_room(client, "pt_1", "m1")
     await send_chat(ws, "fine", "ok", room_id="pt_1", user_id="m1")
     await ack_of(ws, "ok")
-    assert [m["client_id"] for m in await stored_messages(client)] == ["ok"]
+    assert [m["client_id"] for m in await messages_over_http(client)] == ["ok"]
 
 
 # ------------------------------------------------------------- spread ---
@@ -470,10 +470,10 @@ async def test_spread_goes_to_every_active_room_of_the_trainer(client, settings)
     in_room_4 = await receive_until(ws_m4, lambda f: f["type"] == "spread")
     assert_message_frame(in_room_4, room_id="pt_4", **expected)
 
-    assert [m["id"] for m in await stored_messages(client, "pt_1")] == [ack["id"]]
-    assert [m["id"] for m in await stored_messages(client, "pt_4")] == [in_room_4["id"]]
-    assert await stored_messages(client, "pt_2") == []
-    assert await stored_messages(client, "pt_3") == []
+    assert [m["id"] for m in await messages_over_http(client, "pt_1")] == [ack["id"]]
+    assert [m["id"] for m in await messages_over_http(client, "pt_4")] == [in_room_4["id"]]
+    assert await messages_over_http(client, "pt_2") == []
+    assert await messages_over_http(client, "pt_3") == []
     # t2's member never hears of it
     assert [f["type"] for f in await marker(ws_m3, "m3")] == ["chat", "ack"]
 
@@ -485,8 +485,8 @@ async def test_repeated_spread_client_id_is_acked_once_stored(client):
     await ws_t1.send_json({"type": "spread", "content": "one", "client_id": "sp"})
     again = await ack_of(ws_t1, "sp")
     assert (again["id"], again["rooms"]) == (first["id"], first["rooms"]) == (first["id"], 2)
-    assert len(await stored_messages(client, "pt_1")) == 1
-    assert len(await stored_messages(client, "pt_2")) == 1
+    assert len(await messages_over_http(client, "pt_1")) == 1
+    assert len(await messages_over_http(client, "pt_2")) == 1
 
 
 async def test_spread_by_a_member_is_forbidden(client):
@@ -495,7 +495,7 @@ async def test_spread_by_a_member_is_forbidden(client):
     error = await next_error(ws)
     assert (error["code"], error["client_id"]) == ("forbidden", "sp")
     await marker(ws, "after")
-    assert [m["type"] for m in await stored_messages(client)] == ["chat"]
+    assert [m["type"] for m in await messages_over_http(client)] == ["chat"]
 
 
 @pytest.mark.parametrize("content, code", [("", "empty"), ("x" * 2001, "too_long"),
@@ -505,8 +505,8 @@ async def test_bad_spread_content_is_refused(client, content, code):
     await ws.send_json({"type": "spread", "content": content, "client_id": "sp"})
     assert (await next_error(ws))["code"] == code
     await marker(ws, "after")
-    assert [m["client_id"] for m in await stored_messages(client, "pt_1")] == ["after"]
-    assert await stored_messages(client, "pt_2") == []
+    assert [m["client_id"] for m in await messages_over_http(client, "pt_1")] == ["after"]
+    assert await messages_over_http(client, "pt_2") == []
 
 
 async def test_ended_room_refuses_sends_and_accepts_reads(client, settings):
@@ -527,8 +527,8 @@ async def test_ended_room_refuses_sends_and_accepts_reads(client, settings):
     await ws_m2.send_json({"type": "read", "message_id": last_id})
     read = await receive_until(ws_m2, lambda f: f["type"] == "read")
     assert read == {"type": "read", "room_id": "pt_2", "user_id": "m2", "message_id": last_id}
-    assert [m["id"] for m in await stored_messages(client, "pt_2")] == [last_id]
-    assert await stored_messages(client, "pt_1") == []  # the refused spread went nowhere
+    assert [m["id"] for m in await messages_over_http(client, "pt_2")] == [last_id]
+    assert await messages_over_http(client, "pt_1") == []  # the refused spread went nowhere
 
 
 # --------------------------------------------------------------- read ---
@@ -600,7 +600,7 @@ async def test_typing_is_relayed_to_the_other_user_not_the_sender(client):
     assert typing == {"type": "typing", "room_id": "pt_1", "user_id": "m1"}
     frames = await marker(ws_m1, "after")
     assert [f for f in frames if f["type"] == "typing"] == []
-    assert [m["client_id"] for m in await stored_messages(client)] == ["after"]
+    assert [m["client_id"] for m in await messages_over_http(client)] == ["after"]
 
 
 async def test_typing_right_after_a_message_is_relayed(client):
@@ -645,7 +645,7 @@ async def test_resuming_while_another_user_sends_gets_every_message_once_in_orde
     finally:
         sending.clear()
         await sender_task
-    stored_ids = [message["id"] for message in await stored_messages(client)]
+    stored_ids = [message["id"] for message in await messages_over_http(client)]
     assert received == sorted(set(received)), "a message arrived twice or out of order"
     assert received == [i for i in stored_ids if i <= received[-1]], "a message was missed"
 

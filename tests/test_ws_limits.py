@@ -14,7 +14,7 @@ from aiohttp import WSMsgType
 
 from conftest import (
     ack_of, auth, make_token, marker, next_error, open_room, receive_until,
-    run_cli, send_chat, stored_messages,
+    run_cli, send_chat, messages_over_http,
 )
 
 WS_PATH = "/distributor/ws/chat/{}"
@@ -112,7 +112,7 @@ async def test_bad_frame_gets_an_error_and_the_socket_stays_open(client, raw):
     await ws_m1.send_str(raw)
     assert (await next_error(ws_m1))["code"] == "invalid_message"
     await marker(ws_m1, "after")
-    assert [m["client_id"] for m in await stored_messages(client)] == ["after"]
+    assert [m["client_id"] for m in await messages_over_http(client)] == ["after"]
     trainer_frames = await marker(ws_t1, "t-marker")
     presence = [f for f in trainer_frames if f["type"] == "system"]
     assert [(f["event"], f["user_id"]) for f in presence] == [("join", "m1")]  # no fake relayed
@@ -124,7 +124,7 @@ async def test_binary_frame_gets_an_error_and_the_socket_stays_open(client):
     await ws.send_bytes(b'{"type":"chat","content":"hi","client_id":"bin"}')
     assert (await next_error(ws))["code"] == "invalid_message"
     await marker(ws, "after")
-    assert [m["client_id"] for m in await stored_messages(client)] == ["after"]
+    assert [m["client_id"] for m in await messages_over_http(client)] == ["after"]
 
 
 # --------------------------------------------------------- frame size ---
@@ -141,7 +141,7 @@ async def test_frame_over_64_kib_closes_with_1009(client):
     await ws.send_str(chat_frame_of_size(FRAME_LIMIT_BYTES + 1))
     await expect_close(ws, 1009)
     await marker(other_tab, "other-tab")
-    assert [m["client_id"] for m in await stored_messages(client)] == ["other-tab"]
+    assert [m["client_id"] for m in await messages_over_http(client)] == ["other-tab"]
 
 
 async def test_frame_of_exactly_64_kib_is_read(client):
@@ -152,7 +152,7 @@ async def test_frame_of_exactly_64_kib_is_read(client):
     error = await next_error(ws)
     assert (error["code"], error["client_id"]) == ("too_long", "big")
     await marker(ws, "after")
-    assert [m["client_id"] for m in await stored_messages(client)] == ["after"]
+    assert [m["client_id"] for m in await messages_over_http(client)] == ["after"]
 
 
 # --------------------------------------------------------- rate limit ---
@@ -164,8 +164,8 @@ async def test_rate_limit_refuses_the_excess_and_stores_none_of_it(client):
     answers, elapsed_s = await burst([(ws, client_ids)])
     acked = check_rate_limited(answers, elapsed_s, DEFAULT_RATE, DEFAULT_BURST)
     assert set(client_ids[:DEFAULT_BURST]) <= acked  # the burst goes through
-    assert {m["client_id"] for m in await stored_messages(client)} == acked
-    assert len(await stored_messages(client)) == len(acked)
+    assert {m["client_id"] for m in await messages_over_http(client)} == acked
+    assert len(await messages_over_http(client)) == len(acked)
 
     # the socket stays open and the bucket refills at the configured rate
     deadline = time.monotonic() + 2 / DEFAULT_RATE + 1
@@ -178,7 +178,7 @@ async def test_rate_limit_refuses_the_excess_and_stores_none_of_it(client):
             break
         assert frame["code"] == "rate_limited"
         await asyncio.sleep(0.05)
-    assert len(await stored_messages(client)) == len(acked) + 1
+    assert len(await messages_over_http(client)) == len(acked) + 1
 
 
 async def test_rate_limit_counts_all_sockets_of_a_user(client):
@@ -189,7 +189,7 @@ async def test_rate_limit_counts_all_sockets_of_a_user(client):
             for ws, name in ((room_1_a, "a"), (room_1_b, "b"), (room_2, "c"))]
     answers, elapsed_s = await burst(plan)
     acked = check_rate_limited(answers, elapsed_s, DEFAULT_RATE, DEFAULT_BURST)
-    stored_ids = {m["client_id"] for m in await stored_messages(client, "pt_1") + await stored_messages(client, "pt_2")}
+    stored_ids = {m["client_id"] for m in await messages_over_http(client, "pt_1") + await messages_over_http(client, "pt_2")}
     assert stored_ids == acked
 
     # another user is not held back by t1's limit
@@ -205,7 +205,7 @@ async def test_spread_frames_count_towards_the_rate_limit(client):
     answers, _ = await burst([(ws, ["spread-1"])], frame_type="spread")
     assert (answers["spread-1"]["type"], answers["spread-1"].get("code")) == ("error",
                                                                                "rate_limited")
-    assert [m for m in await stored_messages(client, "pt_2")] == []
+    assert [m for m in await messages_over_http(client, "pt_2")] == []
 
 
 async def test_rate_limit_follows_the_setting(make_client):
@@ -215,7 +215,7 @@ async def test_rate_limit_follows_the_setting(make_client):
     answers, elapsed_s = await burst([(ws, client_ids)])
     acked = check_rate_limited(answers, elapsed_s, 2, 8)
     assert set(client_ids[:8]) <= acked
-    assert len(await stored_messages(client)) == len(acked)
+    assert len(await messages_over_http(client)) == len(acked)
 
 
 async def test_reconnecting_does_not_refill_the_rate_limit(client):
@@ -231,7 +231,7 @@ async def test_reconnecting_does_not_refill_the_rate_limit(client):
         await ws.close()
     acked = check_rate_limited(answers, time.monotonic() - started, DEFAULT_RATE, DEFAULT_BURST)
     assert len(acked) < len(sent)
-    assert len(await stored_messages(client)) == len(acked)
+    assert len(await messages_over_http(client)) == len(acked)
 
 
 async def test_a_rate_limit_below_a_quarter_a_second_still_lets_one_through(make_client):
@@ -247,7 +247,7 @@ async def test_rate_limit_zero_switches_it_off(make_client):
     client_ids = [f"c{number:02}" for number in range(60)]
     answers, _ = await burst([(ws, client_ids)])
     assert [answers[cid]["type"] for cid in client_ids] == ["ack"] * 60
-    assert len(await stored_messages(client)) == 60
+    assert len(await messages_over_http(client)) == 60
 
 
 # ---------------------------------------------------- sockets per user ---
@@ -314,13 +314,13 @@ async def test_locked_storage_answers_unavailable_and_a_resend_is_stored_once(cl
     finally:
         lock.execute("ROLLBACK")
         lock.close()
-    assert await stored_messages(client) == []
+    assert await messages_over_http(client) == []
     # the socket stays open; the retry with the same client_id is stored once
     await send_chat(ws, "while locked", "locked-1")
     ack = await ack_of(ws, "locked-1")
     await send_chat(ws, "while locked", "locked-1")
     assert (await ack_of(ws, "locked-1"))["id"] == ack["id"]
-    assert [(m["id"], m["client_id"]) for m in await stored_messages(client)] == [(ack["id"], "locked-1")]
+    assert [(m["id"], m["client_id"]) for m in await messages_over_http(client)] == [(ack["id"], "locked-1")]
 
 
 async def test_locked_storage_does_not_close_the_socket_on_a_read(client, settings):
@@ -344,7 +344,7 @@ async def test_locked_storage_does_not_close_the_socket_on_a_read(client, settin
     read = await receive_until(ws_m1, lambda f: f["type"] == "read")
     assert (read["user_id"], read["message_id"]) == ("m1", first_id)
     await marker(ws_m1, "locked-2")
-    assert [m["client_id"] for m in await stored_messages(client)] == ["first", "locked-2"]
+    assert [m["client_id"] for m in await messages_over_http(client)] == ["first", "locked-2"]
 
 
 # -------------------------------------------------- management changes ---
@@ -375,7 +375,7 @@ async def test_end_session_while_connected_makes_sends_room_closed(client, setti
     assert (read["user_id"], read["message_id"]) == ("m1", last_id)
     await send_chat(ws_t1, "me neither", "t1-late")
     assert (await next_error(ws_t1))["code"] == "room_closed"
-    assert len(await stored_messages(client)) == 1 + acked_late
+    assert len(await messages_over_http(client)) == 1 + acked_late
 
 
 # ----------------------------------------------------------- shutdown ---
