@@ -5,17 +5,22 @@ Personal trainers chat 1:1 with their PT members, one room per PT session
 Live over WebSocket, stored in SQLite, signed in with JWTs.
 
 Sections, top to bottom (``grep -n '# ===' distributor_chat.py``):
-settings, storage, auth, frames, chat hub, HTTP, WebSocket, app, connections, CLI.
+settings, metrics, storage, auth, frames, chat hub, HTTP, WebSocket, app, connections,
+CLI.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import collections
 import contextlib
+import csv
 import dataclasses
 import gc
 import hashlib
+import hmac
+import io
 import itertools
 import json
 import logging
@@ -25,6 +30,7 @@ import resource
 import re
 import secrets
 import signal
+import socket
 import struct
 import sys
 import time
@@ -66,6 +72,8 @@ BASE_PATH = "/distributor"
 ROOMS_PATH = f"{BASE_PATH}/chat/rooms"
 ENV_PREFIX = "DISTRIBUTOR_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+VERSION = "1.1.0"
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_FRAME_BYTES = 64 * 1024
@@ -145,6 +153,13 @@ class Settings:
     max_message_chars: int = 2000
     rate_limit: float = 5.0
     max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    trust_proxy: bool = False
+    metrics_token: str | None = None
+    log_format: str = "text"
+    public_url: str | None = None
+    show_qr: bool = False
     ping_interval_s: float = PING_INTERVAL_S  # also how soon a dead peer is dropped
     log_level: str = "info"
     demo: bool = True
@@ -181,13 +196,39 @@ def _escaped(match: re.Match) -> str:
     return "\\\\" if char == "\\" else f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
 
 
+def log_event(level: int, event: str, **fields: Any) -> None:
+    """One line per event, with its fields: `event key=value ...` in the text log,
+    an object in the JSON one. Never a token, a cookie or message content."""
+    if log.isEnabledFor(level):
+        log.log(level, "%s", event, extra={"event": event, "fields": fields})
+
+
 class EscapingFormatter(logging.Formatter):
-    """One event, one line: no input (a path, a room id, a header) can start a
-    forged line, since control characters in a message are escaped."""
+    """The text log. One event, one line: no input (a path, a room id, a header)
+    can start a forged line, since control characters in a message are escaped."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", None)
+        if fields is not None:
+            record.message = " ".join([record.event, *(f"{name}={value}"
+                                                       for name, value in fields.items())])
         record.message = LOG_UNSAFE_CHARACTERS.sub(_escaped, record.message)
         return super().formatMessage(record)
+
+
+class JsonFormatter(logging.Formatter):
+    """The JSON log (--log-format json): one object a line with ts, level, event
+    and the event's fields; JSON escapes every control character."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"ts": datetime.fromtimestamp(record.created, timezone.utc)
+                .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                "level": record.levelname.lower(),
+                "event": getattr(record, "event", record.name.replace(".", "_"))}
+        line.update(getattr(record, "fields", None) or {"message": record.getMessage()})
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
 
 
 def room_id_of(session_id: int) -> str:
@@ -198,6 +239,95 @@ def session_id_of(room_id: str) -> int | None:
     """The session behind a room id, or None for anything not ``pt_<digits>``."""
     match = ROOM_ID_PATTERN.fullmatch(room_id or "")
     return int(match.group(1)) if match else None
+
+
+# =========================================================== metrics ===
+#
+# Counters and histograms in Prometheus' text format, for GET /distributor/
+# metrics (--metrics-token). Kept by plain dict increments, and a batch's
+# timing once per batch, not per message. Gauges are read at scrape time.
+
+PROCESS_STARTED_AT = time.time()
+COMMIT_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+WRITE_BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)  # observations at or below each bound
+        self.count = 0
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        index = bisect.bisect_left(self.buckets, value)  # the first bound >= value
+        if index < len(self.buckets):
+            self.counts[index] += 1
+        self.count += 1
+        self.total += value
+
+
+class Metrics:
+    """What the server counts, labelled as SPEC 8 names it."""
+
+    def __init__(self) -> None:
+        self.messages_stored: collections.Counter[str] = collections.Counter()  # by type
+        self.errors: collections.Counter[str] = collections.Counter()  # error frames, by code
+        self.closes: collections.Counter[int] = collections.Counter()  # sockets, by close code
+        self.push_sent: collections.Counter[str] = collections.Counter()  # by outcome
+        self.commit_seconds = Histogram(COMMIT_SECONDS_BUCKETS)
+        self.write_batch_size = Histogram(WRITE_BATCH_SIZE_BUCKETS)
+
+    def render(self, *, sockets_open: int, rooms_live: int) -> str:
+        lines: list[str] = []
+
+        def family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+            lines.extend(f"{name}{labels} {value:g}" for labels, value in samples)
+
+        def labelled(label: str, counts: collections.Counter) -> list[tuple[str, float]]:
+            return [(f'{{{label}="{key}"}}', count) for key, count in sorted(counts.items())]
+
+        def histogram(name: str, help_text: str, histogram: Histogram) -> None:
+            cumulative, samples = 0, []
+            for bound, count in zip(histogram.buckets, histogram.counts):
+                cumulative += count
+                samples.append((f'_bucket{{le="{bound:g}"}}', cumulative))
+            samples += [('_bucket{le="+Inf"}', histogram.count), ("_sum", histogram.total),
+                        ("_count", histogram.count)]
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} histogram")
+            lines.extend(f"{name}{suffix} {value:g}" for suffix, value in samples)
+
+        family("distributor_sockets_open", "gauge", "Open WebSockets.", [("", sockets_open)])
+        family("distributor_rooms_live", "gauge", "Rooms with at least one open WebSocket.",
+               [("", rooms_live)])
+        family("distributor_messages_stored_total", "counter", "Messages stored, by type.",
+               labelled("type", self.messages_stored))
+        family("distributor_errors_total", "counter", "Error frames sent, by code.",
+               labelled("code", self.errors))
+        family("distributor_closes_total", "counter", "WebSockets closed, by close code.",
+               labelled("code", self.closes))
+        family("distributor_push_sent_total", "counter", "Web Push deliveries, by outcome.",
+               labelled("outcome", self.push_sent))
+        histogram("distributor_commit_seconds", "One write batch's transaction, BEGIN to COMMIT.",
+                  self.commit_seconds)
+        histogram("distributor_write_batch_size", "Writes committed in one transaction.",
+                  self.write_batch_size)
+        family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.",
+               [("", resident_memory_bytes())])
+        family("process_start_time_seconds", "gauge", "Start time of the process since the epoch.",
+               [("", PROCESS_STARTED_AT)])
+        return "\n".join(lines) + "\n"
+
+
+def resident_memory_bytes() -> int:
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):  # not Linux: the peak, as getrusage knows it
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
 
 
 # =========================================================== storage ===
@@ -220,6 +350,21 @@ WRITE_QUEUE_MAX = 10_000
 
 COMMIT = "COMMIT"
 ROLLBACK = "ROLLBACK"
+
+# Schema versions live in PRAGMA user_version; 0 is the first released schema.
+# schema.sql is always the whole current schema. An older database is brought
+# up to it in one transaction at start: the steps below (what schema.sql's
+# CREATE ... IF NOT EXISTS cannot do, such as a new column), then schema.sql.
+SCHEMA_VERSION = 1
+SCHEMA_UPGRADES: dict[int, tuple[str, ...]] = {
+    1: (),  # revoked_tokens: a new table only
+}
+SELECT_SCHEMA_VERSION = "PRAGMA user_version"
+HAS_USERS_TABLE = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'users'"
+INTEGRITY_CHECK = "PRAGMA integrity_check(20)"
+BACKUP_INTO = "VACUUM INTO :path"
+COUNT_SESSIONS = "SELECT count(*) FROM pt_sessions"
+COUNT_MESSAGES = "SELECT count(*) FROM messages"
 
 SELECT_SECRET = "SELECT value FROM meta WHERE key = 'jwt_secret'"
 INSERT_SECRET = """
@@ -340,6 +485,15 @@ UPDATE_READ_POINTER = """
 class StorageUnavailable(Exception):
     """Storage could not take a read or a write (locked, full, read-only, busy):
     nothing was stored; the caller may try again later."""
+
+
+class SchemaTooNew(StorageUnavailable):
+    """The database was made by a newer program: it is refused, never touched."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"the database's schema version {version} is newer than this program's "
+                         f"({SCHEMA_VERSION}); run a newer distributor_chat.py")
+        self.version = version
 
 
 class RoomClosed(Exception):
@@ -480,16 +634,58 @@ class SqliteEngine:
         self.zone = zone
 
     async def connect_writer(self, *, busy_timeout_ms: int = WRITER_BUSY_TIMEOUT_MS) -> aiosqlite.Connection:
-        """The write connection, with the schema applied (idempotent)."""
-        db = await aiosqlite.connect(self.db_path, isolation_level=None)
+        """The write connection, the database brought up to SCHEMA_VERSION."""
+        db = await self.connect_plain(busy_timeout_ms)
         try:
-            db.row_factory = sqlite3.Row
-            await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            await db.executescript(self.PRAGMAS + self.SCHEMA)
+            await db.executescript(self.PRAGMAS)
+            await self._upgrade(db)
         except BaseException:
             await db.close()
             raise
         return db
+
+    async def connect_plain(self, busy_timeout_ms: int = WRITER_BUSY_TIMEOUT_MS) -> aiosqlite.Connection:
+        """A connection as it comes, for backup and check: nothing applied."""
+        db = await aiosqlite.connect(self.db_path, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            await db.execute_fetchall(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        except BaseException:
+            await db.close()
+            raise
+        return db
+
+    def schema_statements(self) -> list[str]:
+        """schema.sql one statement at a time (executescript would commit first)."""
+        statements, pending = [], ""
+        for line in self.SCHEMA.splitlines(keepends=True):
+            pending += line
+            if sqlite3.complete_statement(pending):
+                statements.append(pending.strip())
+                pending = ""
+        return [statement for statement in statements if statement.strip(" ;\n")]
+
+    async def _upgrade(self, db: aiosqlite.Connection) -> None:
+        """Bring the database to SCHEMA_VERSION in one transaction, or refuse it."""
+        await db.execute(self.BEGIN)
+        try:
+            version = (await db.execute_fetchall(SELECT_SCHEMA_VERSION))[0][0]
+            if version > SCHEMA_VERSION:
+                raise SchemaTooNew(version)
+            is_new_file = not (await db.execute_fetchall(HAS_USERS_TABLE))[0][0]
+            if version < SCHEMA_VERSION or is_new_file:
+                if not is_new_file:
+                    for step in range(version + 1, SCHEMA_VERSION + 1):
+                        for statement in SCHEMA_UPGRADES[step]:
+                            await db.execute(statement)
+                for statement in self.schema_statements():
+                    await db.execute(statement)
+                await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+            await db.execute(COMMIT)
+        except BaseException:
+            with contextlib.suppress(*self.unavailable_errors):
+                await db.execute(ROLLBACK)
+            raise
 
     async def connect_reader(self) -> aiosqlite.Connection:
         """A read-only connection; the room list's times are formatted in SQL."""
@@ -548,7 +744,7 @@ async def _outcome(tx: Transaction, store: Awaitable) -> Outcome:
     except (RoomClosed, NotParticipant) as error:
         return False, error
     except tx.engine.refused_errors as error:
-        log.warning("write refused error=%s", error)
+        log_event(logging.WARNING, "write_refused", error=error)
         return False, StorageUnavailable(str(error))
 
 
@@ -639,8 +835,9 @@ _STOP_WRITER = object()
 class Writer:
     """The only task that writes: group commit, answers only after COMMIT."""
 
-    def __init__(self, tx: Transaction) -> None:
+    def __init__(self, tx: Transaction, metrics: Metrics) -> None:
         self.tx = tx
+        self.metrics = metrics
         self.queue: asyncio.Queue = asyncio.Queue(WRITE_QUEUE_MAX)
         self.task: asyncio.Task | None = None
         self.is_stopping = False
@@ -678,7 +875,8 @@ class Writer:
                 try:
                     await self.commit_batch(batch)
                 except Exception as error:  # a bug must not stop every later write
-                    log.exception("writer failed batch=%d", len(batch))
+                    log.exception("writer failed", extra={"event": "storage_error",
+                                                          "fields": {"batch": len(batch)}})
                     await self.rollback()
                     _fail_all(batch, StorageUnavailable(str(error)))
             if taken[-1] is _STOP_WRITER:
@@ -686,10 +884,11 @@ class Writer:
 
     async def commit_batch(self, batch: list[Write]) -> None:
         unavailable = self.tx.engine.unavailable_errors
+        began_at = time.perf_counter()
         try:
             await self.tx.execute(self.tx.engine.BEGIN)
         except unavailable as error:
-            log.warning("write refused batch=%d error=%s", len(batch), error)
+            log_event(logging.WARNING, "storage_error", batch=len(batch), error=error)
             _fail_all(batch, StorageUnavailable(str(error)))
             return
         outcomes: list[Outcome] = []
@@ -698,8 +897,11 @@ class Writer:
             for store, run in itertools.groupby(batch, key=lambda write: write.store):
                 outcomes += await store(self.tx, [write.params for write in run])
             await self.tx.execute(COMMIT)
+            self.metrics.commit_seconds.observe(time.perf_counter() - began_at)
+            self.metrics.write_batch_size.observe(len(batch))
         except unavailable as error:
-            log.warning("write rolled back batch=%d error=%s", len(batch), error)
+            log_event(logging.WARNING, "storage_error", batch=len(batch), error=error,
+                      rolled_back=True)
             await self.rollback()
             _fail_all(batch, StorageUnavailable(str(error)))
             return
@@ -730,13 +932,13 @@ class Storage:
     transaction. A driver's error comes out as StorageUnavailable."""
 
     def __init__(self, engine: SqliteEngine, read_db: aiosqlite.Connection,
-                 write_db: aiosqlite.Connection) -> None:
+                 write_db: aiosqlite.Connection, metrics: Metrics) -> None:
         self.engine = engine
         self.read_db = read_db
-        self.writer = Writer(Transaction(write_db, engine))
+        self.writer = Writer(Transaction(write_db, engine), metrics)
 
     @classmethod
-    async def open(cls, settings: Settings, *,
+    async def open(cls, settings: Settings, *, metrics: Metrics | None = None,
                    busy_timeout_ms: int = SqliteEngine.WRITER_BUSY_TIMEOUT_MS) -> Storage:
         """Both connections, the schema applied; nothing left open on failure."""
         engine = SqliteEngine(settings.db_path, settings.tz)
@@ -749,7 +951,7 @@ class Storage:
                 raise
         except engine.unavailable_errors as error:
             raise StorageUnavailable(f"cannot open the database {settings.db_path}: {error}") from None
-        return cls(engine, read_db, write_db)
+        return cls(engine, read_db, write_db, metrics or Metrics())
 
     async def close(self) -> None:
         await self.read_db.close()  # an unclosed aiosqlite thread blocks exit
@@ -856,6 +1058,69 @@ class Storage:
             return (await tx.fetch_one(SELECT_SECRET))[0]
 
 
+@dataclass(frozen=True, slots=True)
+class DatabaseReport:
+    """What `check` and `backup` say of a database."""
+    schema_version: int
+    user_count: int
+    session_count: int
+    message_count: int
+    photo_count: int
+
+
+async def _report(db: aiosqlite.Connection) -> DatabaseReport:
+    async def count(sql: str) -> int:
+        return (await db.execute_fetchall(sql))[0][0]
+    # Photos arrive with a later schema; until then a database holds none.
+    return DatabaseReport(await count(SELECT_SCHEMA_VERSION), await count(COUNT_USERS),
+                          await count(COUNT_SESSIONS), await count(COUNT_MESSAGES), 0)
+
+
+async def check_database(settings: Settings) -> DatabaseReport:
+    """SQLite's integrity check and the counts; StorageUnavailable names the
+    problem (damage, or a schema newer than this program). Changes nothing."""
+    if not settings.db_path.is_file():
+        raise StorageUnavailable(f"no database at {settings.db_path}")
+    engine = SqliteEngine(settings.db_path, settings.tz)
+    try:
+        db = await engine.connect_plain()
+        try:
+            problems = [row[0] for row in await db.execute_fetchall(INTEGRITY_CHECK)]
+            if problems != ["ok"]:
+                raise StorageUnavailable("the database is damaged: " + "; ".join(problems))
+            report = await _report(db)
+        finally:
+            await db.close()
+    except engine.unavailable_errors as error:
+        raise StorageUnavailable(f"the database is damaged: {error}") from None
+    if report.schema_version > SCHEMA_VERSION:
+        raise SchemaTooNew(report.schema_version)
+    return report
+
+
+async def backup_database(settings: Settings, destination: Path) -> DatabaseReport:
+    """A consistent copy of the live data (a running server keeps running): every
+    transaction committed before it began. ``destination`` must not exist."""
+    if destination.exists() or destination.is_symlink():
+        raise StorageUnavailable(f"{destination} exists; a backup goes to a new file")
+    engine = SqliteEngine(settings.db_path, settings.tz)
+    try:
+        db = await engine.connect_plain()
+        try:
+            await db.execute_fetchall(BACKUP_INTO, {"path": str(destination)})
+        finally:
+            await db.close()
+        copy = await SqliteEngine(destination, None).connect_plain()
+        try:
+            return await _report(copy)
+        finally:
+            await copy.close()
+    except engine.unavailable_errors as error:
+        with contextlib.suppress(OSError):
+            destination.unlink()  # it did not exist before: nothing half-written stays
+        raise StorageUnavailable(f"backup failed: {error}") from None
+
+
 # ============================================================== auth ===
 
 
@@ -886,10 +1151,26 @@ class AuthError(Exception):
     """No usable token: the message says why, for the person signing in."""
 
 
-def issue_token(secret: str, user_id: str, role: str, name: str, ttl_s: int) -> str:
-    claims = {"sub": user_id, "role": role, "name": name,
-              "exp": int(time.time()) + ttl_s}
-    return jwt.encode(claims, secret, algorithm="HS256")
+@dataclass(frozen=True, slots=True)
+class TokenRules:
+    """How tokens are signed and what they must say: the HS256 key, and the
+    issuer and audience a gym's own app puts in them (--jwt-issuer/-audience)."""
+    secret: str
+    issuer: str | None = None
+    audience: str | None = None
+
+
+def token_rules(settings: Settings, secret: str) -> TokenRules:
+    return TokenRules(secret, settings.jwt_issuer, settings.jwt_audience)
+
+
+def issue_token(rules: TokenRules, user_id: str, role: str, name: str, ttl_s: int) -> str:
+    claims = {"sub": user_id, "role": role, "name": name, "exp": int(time.time()) + ttl_s}
+    if rules.issuer is not None:
+        claims["iss"] = rules.issuer
+    if rules.audience is not None:
+        claims["aud"] = rules.audience
+    return jwt.encode(claims, rules.secret, algorithm="HS256")
 
 
 def token_from_request(request: web.Request) -> str | None:
@@ -900,10 +1181,15 @@ def token_from_request(request: web.Request) -> str | None:
     return request.cookies.get(TOKEN_COOKIE) or request.query.get("token") or None
 
 
-def decode_token(token: str, secret: str) -> dict:
+def decode_token(token: str, rules: TokenRules) -> dict:
+    required = ["exp", "sub", "role"] + ["iss"] * (rules.issuer is not None) \
+        + ["aud"] * (rules.audience is not None)
     try:
-        claims = jwt.decode(token, secret, algorithms=["HS256"],
-                            options={"require": ["exp", "sub", "role"]})
+        # An audience is checked only when one is set: a gym's app may name one
+        # the server was not told about.
+        claims = jwt.decode(token, rules.secret, algorithms=["HS256"], issuer=rules.issuer,
+                            audience=rules.audience,
+                            options={"require": required, "verify_aud": rules.audience is not None})
     except jwt.ExpiredSignatureError:
         raise AuthError("the sign-in link has expired; ask for a new one") from None
     except Exception:  # PyJWT raises several types for malformed input
@@ -919,10 +1205,10 @@ def token_hash_of(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-async def identity_from_token(storage: Storage, token: str | None, secret: str) -> Identity:
+async def identity_from_token(storage: Storage, token: str | None, rules: TokenRules) -> Identity:
     if not token:
         raise AuthError("you are not signed in")
-    claims = decode_token(token, secret)
+    claims = decode_token(token, rules)
     token_hash = token_hash_of(token)
     user = await storage.user_for_token(claims["sub"], token_hash)
     if user is None:
@@ -975,7 +1261,10 @@ def pong_wire_frame(payload: bytes) -> bytes:
 
 def wire_frame(frame: dict) -> bytes:
     """A frame as it goes on the wire; a broadcast builds it once for everyone."""
-    return websocket_text_frame(compact_json(frame).encode())
+    try:
+        return websocket_text_frame(compact_json(frame).encode())
+    except UnicodeEncodeError:  # a lone surrogate, echoed in an error's client_id:
+        return websocket_text_frame(json.dumps(frame, separators=(",", ":")).encode())  # \u escaped
 
 
 def message_frame(*, message_type: str, message_id: int, session_id: int, user_id: str,
@@ -1068,7 +1357,7 @@ class Outbox:
 
     def put(self, data: bytes) -> None:
         if self.size + len(data) > OUTBOX_MAX_BYTES:
-            self.owner.request_stop(WSCloseCode.POLICY_VIOLATION, "too slow: frames not taken")
+            self._too_slow("the outbox is full")
             return
         self.frames.append(data)
         self.size += len(data)
@@ -1099,11 +1388,17 @@ class Outbox:
                 while self.transport.get_write_buffer_size() > PEER_BUFFER_HIGH_BYTES:
                     await asyncio.sleep(PEER_BUFFER_POLL_S)
         except TimeoutError:
-            self.owner.request_stop(WSCloseCode.POLICY_VIOLATION, "too slow: frames not taken")
+            self._too_slow(f"frames not taken for {SLOW_PEER_TIMEOUT_S:g} s")
             return
         finally:
             self.slow_peer_task = None
         self.flush()
+
+    def _too_slow(self, why: str) -> None:
+        if self.owner.stop_code is None:
+            log_event(logging.INFO, "slow_peer_closed", room_id=self.owner.room.room_id,
+                      user_id=self.owner.identity.user_id, reason=why)
+        self.owner.request_stop(WSCloseCode.POLICY_VIOLATION, "too slow: frames not taken")
 
     async def drain(self, timeout_s: float) -> None:
         """Send what is queued (before a close frame), waiting at most timeout_s."""
@@ -1127,10 +1422,11 @@ class ChatSocket(web.WebSocketResponse):
     half a minute. The hub's liveness sweep pings instead.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics) -> None:
         # aiohttp refuses a frame of max_msg_size itself; 64 KiB exactly is allowed.
         super().__init__(autoping=False, max_msg_size=MAX_FRAME_BYTES + 1,
                          compress=False, timeout=CLOSE_HANDSHAKE_TIMEOUT_S)
+        self.metrics = metrics
         self.identity: Identity | None = None
         self.room: Room | None = None
         self.outbox: Outbox | None = None  # once prepared
@@ -1164,6 +1460,10 @@ class ChatSocket(web.WebSocketResponse):
 
     def send_later(self, frame: dict) -> None:
         self.enqueue(wire_frame(frame))
+
+    def send_error(self, code: str, message: str, client_id: str | None = None) -> None:
+        self.metrics.errors[code] += 1
+        self.send_later(error_frame(code, message, client_id))
 
     def start_live(self, first_frames: list[bytes], newest_history_id: int) -> None:
         """Queue ``first_frames`` (wire bytes), then the held live frames the history lacks."""
@@ -1235,13 +1535,15 @@ class ChatSocket(web.WebSocketResponse):
 class RateBucket:
     tokens: float
     updated_at: float
+    is_limiting: bool = False  # refusing now: logged once when it starts
 
 
 class RateLimiter:
     """A token bucket per user: ``rate`` a second, up to ``burst`` at once.
     Buckets stay when a user's sockets close: a reconnect must not refill them."""
 
-    def __init__(self, rate: float, burst: float) -> None:
+    def __init__(self, kind: str, rate: float, burst: float) -> None:
+        self.kind = kind
         self.rate = rate
         self.burst = max(1.0, burst)  # a rate below 1/burst still lets one through
         self.buckets: dict[str, RateBucket] = {}
@@ -1256,21 +1558,26 @@ class RateLimiter:
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated_at) * self.rate)
         bucket.updated_at = now
         if bucket.tokens < 1:
+            if not bucket.is_limiting:
+                bucket.is_limiting = True
+                log_event(logging.INFO, "rate_limited", user_id=user_id, kind=self.kind)
             return False
         bucket.tokens -= 1
+        bucket.is_limiting = False
         return True
 
 
 class ChatHub:
     """Who is connected where: sockets per room, presence, rate limits."""
 
-    def __init__(self, rate_limit: float) -> None:
+    def __init__(self, rate_limit: float, metrics: Metrics) -> None:
+        self.metrics = metrics
         self.room_sockets: dict[str, weakref.WeakSet[ChatSocket]] = {}
         self.socket_counts_by_user: dict[str, int] = {}
         self.pending_leaves: dict[tuple[str, str], asyncio.TimerHandle] = {}
-        self.sends = RateLimiter(rate_limit, rate_limit * RATE_BURST_FACTOR)
-        self.opens = RateLimiter(OPENS_PER_S, OPEN_AND_READ_BURST)
-        self.history_reads = RateLimiter(HISTORY_READS_PER_S, OPEN_AND_READ_BURST)
+        self.sends = RateLimiter("send", rate_limit, rate_limit * RATE_BURST_FACTOR)
+        self.opens = RateLimiter("open", OPENS_PER_S, OPEN_AND_READ_BURST)
+        self.history_reads = RateLimiter("history_read", HISTORY_READS_PER_S, OPEN_AND_READ_BURST)
         self.is_closing = False
 
     def all_sockets(self) -> list[ChatSocket]:
@@ -1387,14 +1694,15 @@ async def watch_admin_changes(storage: Storage, hub: ChatHub) -> None:
                 await revalidate_sockets(storage, hub)
             seen_version = version
         except StorageUnavailable as error:
-            log.warning("admin watch failed error=%s", error)
+            log_event(logging.WARNING, "storage_error", during="admin watch", error=error)
         await asyncio.sleep(ADMIN_POLL_INTERVAL_S)
 
 
 # ============================================================== HTTP ===
 
 SETTINGS = web.AppKey("SETTINGS", Settings)
-SECRET = web.AppKey("SECRET", str)
+TOKEN_RULES = web.AppKey("TOKEN_RULES", TokenRules)
+METRICS = web.AppKey("METRICS", Metrics)
 STORAGE = web.AppKey("STORAGE", Storage)
 HUB = web.AppKey("HUB", ChatHub)
 
@@ -1431,6 +1739,21 @@ def error_response(request: web.Request, status: int, code: str, message: str) -
 
 
 @web.middleware
+async def forwarded_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """With --trust-proxy only: the client's address and scheme as the proxy in
+    front saw them. The last X-Forwarded-For entry is the one that proxy added;
+    any before it came from the client and prove nothing."""
+    changes = {}
+    scheme = request.headers.get("X-Forwarded-Proto", "").rsplit(",", 1)[-1].strip().lower()
+    if scheme in ("http", "https"):
+        changes["scheme"] = scheme
+    address = request.headers.get("X-Forwarded-For", "").rsplit(",", 1)[-1].strip()
+    if address:
+        changes["remote"] = address
+    return await handler(request.clone(**changes) if changes else request)
+
+
+@web.middleware
 async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         return error_response(request, 413, "too_large", "the request body is over 64 KiB")
@@ -1439,6 +1762,9 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
             await request.read()  # a chunked body: client_max_size answers 413 past 64 KiB
         return await handler(request)
     except ApiError as error:
+        if error.status in (401, 403, 429):
+            log_event(logging.INFO, "request_refused", path=request.path, status=error.status,
+                      reason=error.message)
         return error_response(request, error.status, error.code, error.message)
     except web.HTTPException as error:
         if error.status < 400:
@@ -1448,10 +1774,11 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
     except asyncio.CancelledError:
         raise
     except StorageUnavailable as error:
-        log.warning("storage error path=%s error=%s", request.path, error)
+        log_event(logging.WARNING, "storage_error", path=request.path, error=error)
         return error_response(request, 503, "unavailable", "storage is unavailable; try again")
     except Exception:
-        log.exception("unexpected error path=%s", request.path)
+        log.exception("unexpected error", extra={"event": "unexpected_error",
+                                                 "fields": {"path": request.path}})
         return error_response(request, 503, "unavailable", "something went wrong; try again")
 
 
@@ -1504,7 +1831,7 @@ def is_cross_site(request: web.Request) -> bool:
 async def require_identity(request: web.Request) -> Identity:
     try:
         return await identity_from_token(request.app[STORAGE], token_from_request(request),
-                                         request.app[SECRET])
+                                         request.app[TOKEN_RULES])
     except AuthError as error:
         raise ApiError(401, str(error)) from None
 
@@ -1620,7 +1947,7 @@ def safe_next_path(next_path: str | None) -> str:
 
 async def identity_of_link(request: web.Request, token: str | None) -> Identity:
     try:
-        return await identity_from_token(request.app[STORAGE], token, request.app[SECRET])
+        return await identity_from_token(request.app[STORAGE], token, request.app[TOKEN_RULES])
     except AuthError as error:
         raise ApiError(401, str(error)) from None
 
@@ -1631,6 +1958,7 @@ def signed_in_response(identity: Identity, token: str, next_path: str, *,
     response.set_cookie(TOKEN_COOKIE, token, path=BASE_PATH, httponly=True,
                         samesite="Lax", secure=secure,
                         max_age=max(0, int(identity.expires_at - time.time())))
+    log_event(logging.INFO, "sign_in", user_id=identity.user_id)
     return response
 
 
@@ -1642,7 +1970,8 @@ async def login_handler(request: web.Request) -> web.Response:
     next_path = safe_next_path(request.query.get("next"))
     try:
         signed_in = await identity_from_token(request.app[STORAGE],
-                                              request.cookies.get(TOKEN_COOKIE), request.app[SECRET])
+                                              request.cookies.get(TOKEN_COOKIE),
+                                              request.app[TOKEN_RULES])
     except AuthError:
         signed_in = None
     if signed_in is not None and signed_in.user_id != identity.user_id:
@@ -1667,7 +1996,7 @@ async def confirm_login_handler(request: web.Request) -> web.Response:
 async def revoke_token(request: web.Request, token: str) -> None:
     """Refuse this token everywhere until it would have expired, open sockets too."""
     try:
-        claims = decode_token(token, request.app[SECRET])
+        claims = decode_token(token, request.app[TOKEN_RULES])
     except AuthError:
         return  # expired or forged: nothing to refuse that is not refused already
     token_hash = token_hash_of(token)
@@ -1677,6 +2006,7 @@ async def revoke_token(request: web.Request, token: str) -> None:
     except StorageUnavailable:
         raise ApiError(503, "could not sign out; try again") from None
     request.app[HUB].close_signed_out(token_hash)
+    log_event(logging.INFO, "sign_out", user_id=claims["sub"])
 
 
 async def logout_handler(request: web.Request) -> web.Response:
@@ -1692,6 +2022,22 @@ async def logout_handler(request: web.Request) -> web.Response:
         response = web.Response(status=303, headers={"Location": ROOMS_PATH})
     response.del_cookie(TOKEN_COOKIE, path=BASE_PATH)
     return response
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    """Prometheus' text format, only with --metrics-token, only to that Bearer token."""
+    token = request.app[SETTINGS].metrics_token
+    if token is None:
+        raise ApiError(404, "no such page")
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(),
+                                                             token.encode()):
+        raise ApiError(401, "the metrics token is missing or wrong")
+    hub = request.app[HUB]
+    text = request.app[METRICS].render(sockets_open=len(hub.all_sockets()),
+                                       rooms_live=len(hub.room_sockets))
+    return web.Response(body=text.encode(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 async def healthz_handler(request: web.Request) -> web.Response:
@@ -1719,8 +2065,9 @@ class PathOnlyAccessLogger(AbstractAccessLogger):
     """Access lines without the query string: sign-in tokens ride in it."""
 
     def log(self, request, response, time_taken: float) -> None:
-        self.logger.info("http %s %s status=%s ms=%.1f", request.method, request.path,
-                         response.status, time_taken * 1000)
+        self.logger.info("%s", "http", extra={"event": "http", "fields": {
+            "method": request.method, "path": request.path, "status": response.status,
+            "ms": round(time_taken * 1000, 1)}})
 
 
 # ========================================================= WebSocket ===
@@ -1816,16 +2163,24 @@ def parse_client_frame(text: str, ws: ChatSocket) -> dict:
         raise FrameError("invalid_message", "frames must be JSON") from None
     if not isinstance(frame, dict):
         raise FrameError("invalid_message", "a frame must be a JSON object")
+    client_id = echoed_client_id(frame)
     frame_type = frame.get("type")
     if frame_type not in CLIENT_FRAME_TYPES:
-        raise FrameError("invalid_message", "unknown frame type")
+        raise FrameError("invalid_message", "unknown frame type", client_id)
     for name, expected in (("room_id", ws.room.room_id), ("user_id", ws.identity.user_id)):
         if name in frame:
             if not isinstance(frame[name], str):
-                raise FrameError("invalid_message", f"{name} must be a string")
+                raise FrameError("invalid_message", f"{name} must be a string", client_id)
             if frame[name] != expected:
-                raise FrameError("forbidden", f"{name} does not match this connection")
+                raise FrameError("forbidden", f"{name} does not match this connection", client_id)
     return frame
+
+
+def echoed_client_id(frame: dict) -> str | None:
+    """The client_id an error about this frame carries: any string the frame had,
+    even an invalid one, so the client can settle its pending message (SPEC 5)."""
+    client_id = frame.get("client_id")
+    return client_id if isinstance(client_id, str) else None
 
 
 def is_encodable(text: str) -> bool:
@@ -1840,7 +2195,8 @@ def checked_client_id(frame: dict) -> str:
     client_id = frame.get("client_id")
     if not isinstance(client_id, str) or not 1 <= len(client_id) <= CLIENT_ID_MAX_CHARS \
             or not is_encodable(client_id):
-        raise FrameError("invalid_message", f"client_id must be 1 to {CLIENT_ID_MAX_CHARS} characters")
+        raise FrameError("invalid_message", f"client_id must be 1 to {CLIENT_ID_MAX_CHARS} characters",
+                         echoed_client_id(frame))
     return client_id
 
 
@@ -1864,16 +2220,14 @@ def reply_to_write(ws: ChatSocket, client_id: str, future: asyncio.Future) -> An
         return None
     error = future.exception()
     if isinstance(error, RoomClosed):
-        ws.send_later(error_frame("room_closed", "this session has ended; the room is read-only",
-                                  client_id))
+        ws.send_error("room_closed", "this session has ended; the room is read-only", client_id)
     elif isinstance(error, NotParticipant):
-        ws.send_later(error_frame("forbidden", "you are no longer in this room", client_id))
+        ws.send_error("forbidden", "you are no longer in this room", client_id)
     elif isinstance(error, StorageUnavailable):
-        ws.send_later(error_frame("unavailable", "not stored; retry later with the same client_id",
-                                  client_id))
+        ws.send_error("unavailable", "not stored; retry later with the same client_id", client_id)
     elif error is not None:
-        log.error("write failed room_id=%s error=%r", ws.room.room_id, error)
-        ws.send_later(error_frame("unavailable", "not stored; retry later", client_id))
+        log_event(logging.ERROR, "storage_error", room_id=ws.room.room_id, error=repr(error))
+        ws.send_error("unavailable", "not stored; retry later", client_id)
     else:
         return future.result()
     return None
@@ -1886,6 +2240,7 @@ def publish_chat(hub: ChatHub, ws: ChatSocket, client_id: str, content: str,
     if stored is None:
         return
     if not stored.is_duplicate:
+        hub.metrics.messages_stored["chat"] += 1
         hub.broadcast(ws.room.room_id, message_frame(
             message_type="chat", message_id=stored.message_id, session_id=ws.room.session_id,
             user_id=ws.identity.user_id, sender_name=ws.identity.name, content=content,
@@ -1898,6 +2253,7 @@ def publish_spread(hub: ChatHub, ws: ChatSocket, client_id: str, content: str,
     stored: StoredSpread | None = reply_to_write(ws, client_id, future)
     if stored is None:
         return
+    hub.metrics.messages_stored["spread"] += len(stored.message_ids_by_session)
     for session_id, message_id in stored.message_ids_by_session.items():
         hub.broadcast(room_id_of(session_id), message_frame(
             message_type="spread", message_id=message_id, session_id=session_id,
@@ -1948,13 +2304,15 @@ async def handle_send(request: web.Request, ws: ChatSocket, frame: dict) -> None
 async def handle_read(request: web.Request, ws: ChatSocket, frame: dict) -> None:
     message_id = frame.get("message_id")
     if not isinstance(message_id, int) or isinstance(message_id, bool) or message_id <= 0:
-        raise FrameError("invalid_message", "message_id must be a positive whole number")
+        raise FrameError("invalid_message", "message_id must be a positive whole number",
+                         echoed_client_id(frame))
     params = {"session_id": ws.room.session_id, "user_id": ws.identity.user_id,
               "message_id": min(message_id, 2**63 - 1)}
     try:
         future = request.app[STORAGE].submit(store_reads, params)
     except StorageUnavailable:
-        raise FrameError("unavailable", "read receipt not stored; send it again later") from None
+        raise FrameError("unavailable", "read receipt not stored; send it again later",
+                         echoed_client_id(frame)) from None
     future.add_done_callback(lambda done: publish_read(request.app[HUB], ws, done))
     await wait_settled(future)
 
@@ -1978,7 +2336,7 @@ async def handle_text(request: web.Request, ws: ChatSocket, text: str) -> None:
         else:
             handle_typing(request, ws)
     except FrameError as error:
-        ws.send_later(error_frame(error.code, error.message, error.client_id))
+        ws.send_error(error.code, error.message, error.client_id)
 
 
 def handle_control_frame(ws: ChatSocket, message: aiohttp.WSMessage, now: float) -> None:
@@ -2006,7 +2364,7 @@ async def receive_frames(request: web.Request, ws: ChatSocket) -> None:
             elif message.type in (WSMsgType.PING, WSMsgType.PONG):
                 handle_control_frame(ws, message, ws.last_heard_at)
             elif message.type is WSMsgType.BINARY:
-                ws.send_later(error_frame("invalid_message", "binary frames are not accepted"))
+                ws.send_error("invalid_message", "binary frames are not accepted")
             else:
                 return  # closed by the peer, too large (1009), or the connection broke
             # Frames already buffered are read without waiting; a refused one is
@@ -2048,8 +2406,9 @@ async def refuse_socket(request: web.Request, code: int, reason: str) -> web.Web
     ws = web.WebSocketResponse(autoping=False, timeout=CLOSE_HANDSHAKE_TIMEOUT_S,
                                max_msg_size=MAX_FRAME_BYTES + 1)
     await ws.prepare(request)
-    log.info("ws refused room_id=%s code=%s reason=%s",
-             request.match_info["room_id"][:80], code, reason)
+    request.app[METRICS].closes[code] += 1
+    log_event(logging.INFO, "ws_refused", room_id=request.match_info["room_id"][:80], code=code,
+              reason=reason)
     try:
         await ws.close(code=code, message=close_reason(reason))
     except ConnectionError:
@@ -2067,7 +2426,7 @@ async def chat_socket_handler(request: web.Request) -> web.StreamResponse:
         check_socket_budget(request, identity, parse_after_id(request))
     except SocketRefused as refusal:
         return await refuse_socket(request, refusal.code, refusal.reason)
-    ws = ChatSocket()
+    ws = ChatSocket(request.app[METRICS])
     await ws.prepare(request)
     ws.identity, ws.room = identity, room
     ws.outbox = Outbox(ws, request.transport)
@@ -2075,8 +2434,8 @@ async def chat_socket_handler(request: web.Request) -> web.StreamResponse:
         max(0.0, ws.identity.expires_at - time.time()),
         ws.request_stop, CLOSE_UNAUTHORIZED, "token expired; sign in again")
     is_new_presence = hub.add(ws)
-    log.info("ws open room_id=%s user_id=%s sockets=%d", room_id, ws.identity.user_id,
-             len(hub.room_sockets.get(room_id, ())))
+    log_event(logging.INFO, "ws_open", room_id=room_id, user_id=ws.identity.user_id,
+              sockets=len(hub.room_sockets.get(room_id, ())))
     try:
         await send_welcome(request, ws)
         if is_new_presence:
@@ -2091,8 +2450,10 @@ async def chat_socket_handler(request: web.Request) -> web.StreamResponse:
         finally:  # aiohttp may cancel the handler mid-close (at shutdown)
             ws.outbox.cancel()
             ws.finished.set_result(None)
-            log.info("ws close room_id=%s user_id=%s code=%s", room_id, ws.identity.user_id,
-                     ws.close_code)
+            close_code = ws.close_code or WSCloseCode.ABNORMAL_CLOSURE
+            request.app[METRICS].closes[close_code] += 1
+            log_event(logging.INFO, "ws_close", room_id=room_id, user_id=ws.identity.user_id,
+                      code=close_code, reason=ws.stop_reason or None)
     return ws
 
 
@@ -2106,9 +2467,9 @@ async def chat_socket_handler(request: web.Request) -> web.StreamResponse:
 
 async def storage_context(app: web.Application):
     settings = app[SETTINGS]
-    storage = app[STORAGE] = await Storage.open(settings)
+    storage = app[STORAGE] = await Storage.open(settings, metrics=app[METRICS])
     try:
-        app[SECRET] = settings.secret or await storage.secret()
+        app[TOKEN_RULES] = token_rules(settings, settings.secret or await storage.secret())
     except BaseException:
         await storage.close()
         raise
@@ -2153,9 +2514,12 @@ async def close_all_sockets(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY_BYTES)
+    middlewares = [forwarded_middleware] if settings.trust_proxy else []
+    app = web.Application(middlewares=[*middlewares, errors_middleware],
+                          client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
-    app[HUB] = ChatHub(settings.rate_limit)
+    app[METRICS] = Metrics()
+    app[HUB] = ChatHub(settings.rate_limit, app[METRICS])
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=True)
     app.router.add_get("/", home_handler)
     app.router.add_get(BASE_PATH, home_handler)
@@ -2168,6 +2532,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post(f"{BASE_PATH}/login", confirm_login_handler)
     app.router.add_post(f"{BASE_PATH}/logout", logout_handler)
     app.router.add_get(f"{BASE_PATH}/healthz", healthz_handler)
+    app.router.add_get(f"{BASE_PATH}/metrics", metrics_handler)
     app.router.add_get(f"{BASE_PATH}/static/{{path:.+}}", static_handler)
     app.cleanup_ctx.extend([storage_context, writer_context, admin_watch_context,
                             liveness_context])
@@ -2197,11 +2562,11 @@ class ConnectionGuard:
     def admit(self, handler: GuardedRequestHandler) -> bool:
         address = handler.address
         if self.counts_by_address[address] >= self.per_address_max:
-            log.debug("connection refused address=%s reason=over %d connections from it",
-                      address, self.per_address_max)
+            log_event(logging.DEBUG, "connection_refused", address=address,
+                      reason=f"over {self.per_address_max} connections from it")
             return False
         if len(self.connections) >= self.capacity and not self._shed_oldest_idle():
-            log.debug("connection refused address=%s reason=at capacity", address)
+            log_event(logging.DEBUG, "connection_refused", address=address, reason="at capacity")
             return False
         self.connections[handler] = ADMITTED
         self.counts_by_address[address] += 1
@@ -2218,8 +2583,8 @@ class ConnectionGuard:
         or still sending its headers) makes room, so a real client gets in."""
         for handler in self.connections:
             if handler.is_between_requests():
-                log.debug("connection closed address=%s reason=room for a newer one",
-                          handler.address)
+                log_event(logging.DEBUG, "connection_closed", address=handler.address,
+                          reason="room for a newer one")
                 self.release(handler)
                 handler.force_close()
                 return True
@@ -2289,11 +2654,11 @@ class GuardedRequestHandler(RequestHandler):
         """aiohttp's answer to a request it could not parse: one debug line, no
         traceback, no software version; and never a 500."""
         if status >= 500:
-            log.error("request failed address=%s error=%r", self.address, exc)
+            log_event(logging.ERROR, "unexpected_error", address=self.address, error=repr(exc))
             status = 503
         else:
-            log.debug("malformed request address=%s status=%s reason=%s",
-                      self.address, status, message or exc)
+            log_event(logging.DEBUG, "malformed_request", address=self.address, status=status,
+                      reason=message or exc)
         if request.writer.output_size > 0:
             raise ConnectionError("the answer had already begun")
         response = web.Response(status=status, text=f"{status} {HTTPStatus(status).phrase}\n",
@@ -2313,13 +2678,13 @@ class GuardedRequestHandler(RequestHandler):
 
     def _headers_too_slow(self) -> None:
         self.headers_deadline = None
-        log.debug("connection closed address=%s reason=headers not complete in %g s",
-                  self.address, HEADERS_TIMEOUT_S)
+        log_event(logging.DEBUG, "connection_closed", address=self.address,
+                  reason=f"headers not complete in {HEADERS_TIMEOUT_S:g} s")
         self.force_close()
 
     def _refuse_large_headers(self) -> None:
-        log.debug("connection closed address=%s reason=headers over %d bytes",
-                  self.address, MAX_HEADER_BYTES)
+        log_event(logging.DEBUG, "connection_closed", address=self.address,
+                  reason=f"headers over {MAX_HEADER_BYTES} bytes")
         self._stop_headers_clock()
         body = compact_json({"error": {"code": "headers_too_large",
                                        "message": "request headers are over 16 KiB"}}).encode()
@@ -2344,8 +2709,7 @@ class AcceptErrorReporter:
         now = loop.time()
         if self.reported_at is None or now - self.reported_at >= ACCEPT_ERROR_LOG_INTERVAL_S:
             self.reported_at = now
-            log.warning("accept failed error=%s; waiting connections stay queued",
-                        context.get("exception"))
+            log_event(logging.WARNING, "accept_failed", error=context.get("exception"))
 
 
 def raise_open_file_limit() -> int:
@@ -2436,6 +2800,29 @@ def _user_id(text: str) -> str:
     return text
 
 
+def _log_format(text: str) -> str:
+    if text.lower() not in LOG_FORMATS:
+        raise argparse.ArgumentTypeError(f"choose text or json, not {text!r}")
+    return text.lower()
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _public_url(text: str) -> str:
+    url = text.strip().rstrip("/")
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a URL: {text!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(f"a public URL looks like https://chat.gym.example: {text!r}")
+    return url
+
+
 def _name(text: str) -> str:
     name = text.strip()
     if not name or len(name) > USER_NAME_MAX_CHARS or not is_encodable(name):
@@ -2455,11 +2842,23 @@ SERVER_OPTIONS = (
     ("--max-connections-per-ip", "max_connections_per_ip", _positive_int,
      f"open connections from one client address (default {MAX_CONNECTIONS_PER_IP})"),
     ("--log-level", "log_level", _log_level, "debug, info, warning or error"),
+    ("--log-format", "log_format", _log_format, "text (default) or json: one line per event"),
+    ("--jwt-issuer", "jwt_issuer", _nonempty, "require this iss in every token"),
+    ("--jwt-audience", "jwt_audience", _nonempty, "require this aud in every token"),
+    ("--metrics-token", "metrics_token", _nonempty, "serve /distributor/metrics to this Bearer token"),
+    ("--public-url", "public_url", _public_url, "the address users reach, for printed links"),
 )
 OPTION_DEFAULTS = {"host": "127.0.0.1", "port": "8080", "db": "distributor_chat.db",
                    "secret": None, "tz": None, "max_message_chars": "2000",
                    "rate_limit": "5", "max_connections_per_ip": str(MAX_CONNECTIONS_PER_IP),
-                   "log_level": "info"}
+                   "log_level": "info", "log_format": "text", "jwt_issuer": None,
+                   "jwt_audience": None, "metrics_token": None, "public_url": None}
+# On/off options; the environment form is true for 1, true or yes.
+FLAG_OPTIONS = (
+    ("--no-demo", "no_demo", "do not seed the demo gym into an empty database"),
+    ("--trust-proxy", "trust_proxy", "take the client's address and scheme from X-Forwarded-*"),
+    ("--qr", "qr", "also show each printed sign-in link as a QR code"),
+)
 
 
 def _env_name(flag: str) -> str:
@@ -2476,15 +2875,16 @@ def add_server_options(parser: argparse.ArgumentParser, *, from_env: bool) -> No
     parser.add_argument("--allowed-origin", dest="allowed_origin", type=_origin, action="append",
                         default=None if from_env else argparse.SUPPRESS,
                         help="another origin allowed to open sockets (repeatable)")
-    parser.add_argument("--no-demo", dest="no_demo", action="store_true",
-                        default=False if from_env else argparse.SUPPRESS,
-                        help="do not seed the demo gym into an empty database")
+    for flag, dest, help_text in FLAG_OPTIONS:
+        parser.add_argument(flag, dest=dest, action="store_true",
+                            default=False if from_env else argparse.SUPPRESS, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="distributor_chat.py",
                                    description="Distributor Chat server and management commands.")
     add_server_options(parser, from_env=True)
+    parser.add_argument("--version", action="version", version=f"distributor-chat {VERSION}")
     commands = parser.add_subparsers(dest="command", parser_class=OneLineArgumentParser)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -2505,8 +2905,11 @@ def build_parser() -> argparse.ArgumentParser:
     token = command("token", "print a JWT and a sign-in link for a user")
     token.add_argument("user_id")
     token.add_argument("--ttl", type=_ttl_seconds, default=_ttl_seconds(DEFAULT_TOKEN_TTL))
-    import_file = command("import", "load users and sessions from a JSON file")
+    import_file = command("import", "load users and sessions from a JSON or CSV file")
     import_file.add_argument("file")
+    backup = command("backup", "copy the live data to a new file, while the server runs")
+    backup.add_argument("destination")
+    command("check", "check the data's integrity; print its schema version and counts")
     return parser
 
 
@@ -2518,13 +2921,18 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
             origins = [_origin(item) for item in env_origins.split(",") if item.strip()]
         except argparse.ArgumentTypeError as error:
             parser.error(f"{_env_name('--allowed-origin')}: {error}")
-    no_demo = args.no_demo or os.environ.get(_env_name("--no-demo"), "").lower() in ("1", "true", "yes")
+    flags = {dest: getattr(args, dest) or os.environ.get(_env_name(flag), "").lower()
+             in ("1", "true", "yes") for flag, dest, _ in FLAG_OPTIONS}
     return Settings(host=args.host, port=args.port, db_path=Path(args.db), secret=args.secret or None,
                     allowed_origins=tuple(origins), tz=ZoneInfo(args.tz) if args.tz else None,
                     tz_name=args.tz or machine_tz_name(),
                     max_message_chars=args.max_message_chars, rate_limit=args.rate_limit,
                     max_connections_per_ip=args.max_connections_per_ip,
-                    log_level=args.log_level, demo=not no_demo)
+                    log_level=args.log_level, log_format=args.log_format,
+                    jwt_issuer=args.jwt_issuer, jwt_audience=args.jwt_audience,
+                    metrics_token=args.metrics_token, public_url=args.public_url,
+                    trust_proxy=flags["trust_proxy"], show_qr=flags["qr"],
+                    demo=not flags["no_demo"])
 
 
 CLI_BUSY_TIMEOUT_MS = 5000  # a running server may hold the write lock a moment
@@ -2534,11 +2942,44 @@ async def cli_secret(storage: Storage, settings: Settings) -> str:
     return settings.secret or await storage.secret()
 
 
-def sign_in_link(settings: Settings, token: str, next_path: str = ROOMS_PATH) -> str:
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+def lan_address() -> str:
+    """This machine's address on its network, for a phone on the gym's Wi-Fi: the
+    one its default route leaves from. Connecting a UDP socket sends nothing."""
+    with contextlib.suppress(OSError):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1 (RFC 5737): routed, never reached
+            address = probe.getsockname()[0]
+            if not address.startswith(("127.", "0.")):
+                return address
+    with contextlib.suppress(OSError):
+        for *_, (address, *_) in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            if not address.startswith(("127.", "0.")):
+                return address
+    return socket.gethostname()
+
+
+def public_base_url(settings: Settings) -> str:
+    """Where users reach the server: --public-url, else this address and port
+    (the machine's LAN address when it listens on all of them)."""
+    if settings.public_url:
+        return settings.public_url
+    host = lan_address() if settings.host in ("0.0.0.0", "::", "") else settings.host
     host = f"[{host}]" if ":" in host else host
-    return (f"http://{host}:{settings.port}{BASE_PATH}/login?token={token}"
+    return f"http://{host}:{settings.port}"
+
+
+def sign_in_link(settings: Settings, token: str, next_path: str = ROOMS_PATH) -> str:
+    return (f"{public_base_url(settings)}{BASE_PATH}/login?token={token}"
             f"&next={quote(next_path, safe='/')}")
+
+
+def print_link(settings: Settings, label: str, link: str) -> None:
+    """A printed link, and with --qr the same as a QR code a phone's camera reads."""
+    print(f"{label}{link}", flush=True)
+    if settings.show_qr:
+        import segno  # only gyms that ask for QR codes load it
+        segno.make(link, error="l").terminal(out=sys.stdout, compact=True)
+        sys.stdout.flush()
 
 
 async def find_user(tx: Transaction, user_id: str) -> Any:
@@ -2583,9 +3024,10 @@ async def cmd_token(storage: Storage, settings: Settings, args: argparse.Namespa
     if user is None:
         raise CommandError(f"no user with id {args.user_id!r}")
     secret = await cli_secret(storage, settings)
-    token = issue_token(secret, user["id"], user["role"], user["name"], args.ttl)
+    token = issue_token(token_rules(settings, secret), user["id"], user["role"], user["name"],
+                        args.ttl)
     print(token)
-    print(sign_in_link(settings, token))
+    print_link(settings, "", sign_in_link(settings, token))
 
 
 def _import_users(data: dict) -> list[dict]:
@@ -2635,16 +3077,96 @@ def _import_sessions(data: dict) -> list[dict]:
              "member_id": session["member"]} for session in sessions]
 
 
-async def cmd_import(storage: Storage, settings: Settings, args: argparse.Namespace) -> None:
+CSV_USERS_HEADER = ["id", "name", "role"]
+CSV_SESSIONS_HEADER = ["session_id", "trainer_id", "member_id"]
+
+
+def _csv_users(rows: list[tuple[int, list[str]]], problems: list[str]) -> list[dict]:
+    users, first_line_by_id = [], {}
+    for line, cells in rows:
+        user_id, name, role = (*(cell.strip() for cell in cells[:3]), "", "", "")[:3]
+        if user_id in first_line_by_id:
+            problems.append(f"line {line}: id {user_id!r} is also on line {first_line_by_id[user_id]}")
+            continue
+        first_line_by_id.setdefault(user_id, line)
+        if len(cells) != 3 or not (user_id and name and role):
+            problems.append(f"line {line}: a user needs id, name and role")
+        elif not USER_ID_PATTERN.fullmatch(user_id):
+            problems.append(f"line {line}: id {user_id!r} must be 1 to 64 of A-Z a-z 0-9 _ . @ -")
+        elif len(name) > USER_NAME_MAX_CHARS or not is_encodable(name):
+            problems.append(f"line {line}: a name is 1 to {USER_NAME_MAX_CHARS} characters")
+        elif role not in ("trainer", "member"):
+            problems.append(f"line {line}: unknown role {role!r} (trainer or member)")
+        else:
+            users.append({"user_id": user_id, "name": name, "role": role})
+    return users
+
+
+def _csv_sessions(rows: list[tuple[int, list[str]]], problems: list[str]) -> list[dict]:
+    sessions, first_line_by_id = [], {}
+    for line, cells in rows:
+        session_text, trainer_id, member_id = (*(cell.strip() for cell in cells[:3]), "", "", "")[:3]
+        if session_text in first_line_by_id:
+            problems.append(f"line {line}: session_id {session_text} is also on line "
+                            f"{first_line_by_id[session_text]}")
+            continue
+        first_line_by_id.setdefault(session_text, line)
+        if len(cells) != 3 or not (session_text and trainer_id and member_id):
+            problems.append(f"line {line}: a session needs session_id, trainer_id and member_id")
+        elif not (session_text.isascii() and session_text.isdigit()
+                  and 1 <= int(session_text) < 10**18):
+            problems.append(f"line {line}: session_id {session_text!r} must be a positive whole number")
+        else:
+            sessions.append({"session_id": int(session_text), "trainer_id": trainer_id,
+                             "member_id": member_id, "where": f"line {line}"})
+    return sessions
+
+
+def read_csv_import(text: str, problems: list[str]) -> tuple[list[dict], list[dict]]:
+    """Users (header id,name,role) or sessions (session_id,trainer_id,member_id)
+    from CSV; each bad row goes into ``problems`` as "line N: reason"."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = [cell.strip().lower() for cell in next(reader, [])]
+    rows = [(reader.line_num, cells) for cells in reader if any(cell.strip() for cell in cells)]
+    if header == CSV_USERS_HEADER:
+        return _csv_users(rows, problems), []
+    if header == CSV_SESSIONS_HEADER:
+        return [], _csv_sessions(rows, problems)
+    problems.append("line 1: the header must be id,name,role or session_id,trainer_id,member_id")
+    return [], []
+
+
+def read_import_file(path: str, problems: list[str]) -> tuple[list[dict], list[dict]]:
+    """Users and sessions from a JSON or a CSV file (UTF-8, with or without a
+    BOM). A JSON problem raises CommandError; a bad CSV row goes to ``problems``."""
     try:
-        data = json.loads(Path(args.file).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
-        raise CommandError(f"cannot read {args.file}: {error}") from None
+        raise CommandError(f"cannot read {path}: {error}") from None
+    if not text.lstrip().startswith(("{", "[")):
+        return read_csv_import(text, problems)
+    try:
+        data = json.loads(text)
     except (ValueError, RecursionError) as error:
-        raise CommandError(f"{args.file} is not valid JSON: {str(error)[:200]}") from None
+        raise CommandError(f"{path} is not valid JSON: {str(error)[:200]}") from None
     if not isinstance(data, dict):
-        raise CommandError(f"{args.file} must hold a JSON object with users and sessions")
-    users, sessions = _import_users(data), _import_sessions(data)
+        raise CommandError(f"{path} must hold a JSON object with users and sessions")
+    return _import_users(data), _import_sessions(data)
+
+
+def _bad_rows(path: str, problems: list[str]) -> str:
+    def line_number(problem: str) -> int:
+        match = re.match(r"line (\d+):", problem)
+        return int(match.group(1)) if match else 0
+    problems = sorted(problems, key=line_number)
+    row_count = len({problem.split(":", 1)[0] for problem in problems})
+    return f"{path}: {row_count} bad row{'s' * (row_count != 1)}, nothing imported\n" \
+        + "\n".join(problems)
+
+
+async def cmd_import(storage: Storage, settings: Settings, args: argparse.Namespace) -> None:
+    problems: list[str] = []
+    users, sessions = read_import_file(args.file, problems)
     counts = collections.Counter()
     now = utc_now_iso()
     async with storage.admin_change() as tx:
@@ -2653,15 +3175,23 @@ async def cmd_import(storage: Storage, settings: Settings, args: argparse.Namesp
             await tx.execute(UPDATE_USER if exists else INSERT_USER, {**user, "created_at": now})
             counts["users updated" if exists else "users added"] += 1
         for session in sessions:
+            where = session.pop("where", f"session {session['session_id']}")
+            problems_before = len(problems)
             for key, role in (("trainer_id", "trainer"), ("member_id", "member")):
                 user = await tx.fetch_one(SELECT_USER, {"user_id": session[key]})
-                if user is None or user["role"] != role:
-                    raise CommandError(f"session {session['session_id']}: "
-                                       f"{session[key]!r} is not a {role}")
+                if user is None:
+                    problems.append(f"{where}: unknown user {session[key]!r}")
+                elif user["role"] != role:
+                    problems.append(f"{where}: {session[key]!r} is not a {role}")
+            if len(problems) > problems_before:
+                continue  # listed; the transaction will roll back anyway
             exists = await tx.fetch_one(SELECT_ROOM, session) is not None
             await tx.execute(UPDATE_SESSION_PARTICIPANTS if exists else INSERT_SESSION_WITH_ID,
                              {**session, "created_at": now})
             counts["sessions updated" if exists else "sessions added"] += 1
+        if problems:  # the transaction rolls back: nothing imported
+            raise CommandError(problems[0] if len(problems) == 1 and not problems[0].startswith("line")
+                               else _bad_rows(args.file, problems))
         if (await tx.fetch_one(COUNT_SESSIONS_WITH_WRONG_ROLES))[0]:
             raise CommandError("a role change would leave a session without its trainer or member")
     print(f"users: {counts['users added']} added, {counts['users updated']} updated; "
@@ -2718,8 +3248,10 @@ async def run_server(settings: Settings, demo_users: list, secret: str) -> None:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(AcceptErrorReporter())
     open_file_limit = raise_open_file_limit()
-    guard = ConnectionGuard(max(16, open_file_limit - RESERVED_FILE_DESCRIPTORS),
-                            settings.max_connections_per_ip)
+    # Behind a proxy every connection comes from the proxy's address: limiting
+    # each client's connections is then the proxy's work (deploy/nginx.conf).
+    per_address_max = sys.maxsize if settings.trust_proxy else settings.max_connections_per_ip
+    guard = ConnectionGuard(max(16, open_file_limit - RESERVED_FILE_DESCRIPTORS), per_address_max)
     runner = web.AppRunner(create_app(settings), handle_signals=False, shutdown_timeout=1.0,
                            **HTTP_OPTIONS)
     await runner.setup()
@@ -2733,13 +3265,15 @@ async def run_server(settings: Settings, demo_users: list, secret: str) -> None:
                            f"{error.strerror or error}") from None
     port = listener.sockets[0].getsockname()[1]
     settings = dataclasses.replace(settings, port=port)
-    print(f"Distributor Chat on http://{settings.host}:{port}{ROOMS_PATH}", flush=True)
+    print(f"Distributor Chat on {public_base_url(settings)}{ROOMS_PATH}", flush=True)
     print(f"Holds up to {guard.capacity:,} connections (open-file limit {open_file_limit:,}; "
           f"at most {settings.max_connections_per_ip:,} from one address)", flush=True)
+    log_event(logging.INFO, "server_start", version=VERSION, host=settings.host, port=port,
+              connections=guard.capacity)
     for user in demo_users:
-        token = issue_token(secret, user["id"], user["role"], user["name"],
+        token = issue_token(token_rules(settings, secret), user["id"], user["role"], user["name"],
                             _ttl_seconds(DEFAULT_TOKEN_TTL))
-        print(f"  {user['name']} ({user['role']}): {sign_in_link(settings, token)}", flush=True)
+        print_link(settings, f"  {user['name']} ({user['role']}): ", sign_in_link(settings, token))
     # What startup loaded lives as long as the process: no collection need scan
     # it. Fewer young collections mean far fewer full ones under load (README,
     # Performance, has the measurements).
@@ -2750,7 +3284,7 @@ async def run_server(settings: Settings, demo_users: list, secret: str) -> None:
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signal_number, stop.set)
     await stop.wait()
-    log.info("shutting down")
+    log_event(logging.INFO, "server_stop")
     listener.close()  # stop accepting; the runner then closes every connection
     await runner.cleanup()
 
@@ -2759,9 +3293,32 @@ COMMANDS = {"add-user": cmd_add_user, "add-session": cmd_add_session,
             "end-session": cmd_end_session, "token": cmd_token, "import": cmd_import}
 
 
+async def cmd_backup(settings: Settings, args: argparse.Namespace) -> None:
+    destination = Path(args.destination)
+    report = await backup_database(settings, destination)
+    print(f"backup {destination}: {report.message_count} messages, {report.photo_count} photos")
+
+
+async def cmd_check(settings: Settings, args: argparse.Namespace) -> None:
+    report = await check_database(settings)
+    print("ok")
+    print(f"schema version: {report.schema_version}")
+    print(f"users: {report.user_count}")
+    print(f"sessions: {report.session_count}")
+    print(f"messages: {report.message_count}")
+    print(f"photos: {report.photo_count}")
+
+
+# These read the database as it is: no schema upgrade, nothing written to it.
+READING_COMMANDS = {"backup": cmd_backup, "check": cmd_check}
+
+
 async def run_command(command: str, settings: Settings, args: argparse.Namespace) -> None:
     """A management command, or the server: the demo gym and the secret first,
     through a storage of its own that is closed before the server opens its own."""
+    if command in READING_COMMANDS:
+        await READING_COMMANDS[command](settings, args)
+        return
     storage = await Storage.open(settings, busy_timeout_ms=CLI_BUSY_TIMEOUT_MS)
     try:
         if command != "serve":
@@ -2781,7 +3338,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = settings_from_args(args, parser)
     log_handler = logging.StreamHandler()
-    log_handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    log_handler.setFormatter(JsonFormatter() if settings.log_format == "json" else
+                             EscapingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[log_handler])
     # aiosqlite's debug lines carry SQL parameters: message text never goes to a log.
     logging.getLogger("aiosqlite").setLevel(logging.INFO)

@@ -1,0 +1,84 @@
+-- The first released schema (user_version 0), as it shipped: a database made
+-- by it must upgrade with its data intact (tests/test_operations.py).
+-- Distributor Chat schema. Applied on every start; every statement is
+-- idempotent. Counters that the room list needs (newest message, unread
+-- count) are kept by triggers, so whichever code inserts a message, the
+-- counts stay exact and no query ever scans a room's history.
+
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS users (
+    id         TEXT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    role       TEXT NOT NULL CHECK (role IN ('trainer', 'member')),
+    created_at TEXT NOT NULL
+) WITHOUT ROWID;
+
+-- One PT session is one room; its room id is 'pt_' || id.
+CREATE TABLE IF NOT EXISTS pt_sessions (
+    id              INTEGER PRIMARY KEY,
+    trainer_id      TEXT NOT NULL REFERENCES users (id),
+    member_id       TEXT NOT NULL REFERENCES users (id),
+    status          TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'ended')),
+    created_at      TEXT NOT NULL,
+    last_message_id INTEGER
+);
+CREATE INDEX IF NOT EXISTS pt_sessions_by_trainer ON pt_sessions (trainer_id);
+CREATE INDEX IF NOT EXISTS pt_sessions_by_member ON pt_sessions (member_id);
+
+CREATE TABLE IF NOT EXISTS messages (
+    id         INTEGER PRIMARY KEY,
+    session_id INTEGER NOT NULL REFERENCES pt_sessions (id),
+    user_id    TEXT NOT NULL REFERENCES users (id),
+    type       TEXT NOT NULL CHECK (type IN ('chat', 'spread')),
+    content    TEXT NOT NULL,
+    client_id  TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+-- A resent client_id finds the message it already stored.
+CREATE UNIQUE INDEX IF NOT EXISTS messages_by_client_id
+    ON messages (session_id, user_id, client_id);
+-- Pages of a room and unread ranges read this index, never the whole table.
+CREATE INDEX IF NOT EXISTS messages_by_room ON messages (session_id, id);
+
+-- Each participant's read pointer and the exact count of others' messages
+-- after it.
+CREATE TABLE IF NOT EXISTS read_state (
+    session_id   INTEGER NOT NULL REFERENCES pt_sessions (id),
+    user_id      TEXT NOT NULL REFERENCES users (id),
+    last_read_id INTEGER NOT NULL DEFAULT 0,
+    unread_count INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (session_id, user_id)
+) WITHOUT ROWID;
+
+CREATE TRIGGER IF NOT EXISTS pt_sessions_open_read_state
+AFTER INSERT ON pt_sessions
+BEGIN
+    INSERT OR IGNORE INTO read_state (session_id, user_id)
+    VALUES (NEW.id, NEW.trainer_id), (NEW.id, NEW.member_id);
+END;
+
+-- An import may hand a session to another trainer or member: the newcomer
+-- starts with everything the others sent unread.
+CREATE TRIGGER IF NOT EXISTS pt_sessions_move_read_state
+AFTER UPDATE OF trainer_id, member_id ON pt_sessions
+BEGIN
+    DELETE FROM read_state
+     WHERE session_id = NEW.id AND user_id NOT IN (NEW.trainer_id, NEW.member_id);
+    INSERT OR IGNORE INTO read_state (session_id, user_id, last_read_id, unread_count)
+    SELECT NEW.id, participant.user_id, 0,
+           (SELECT count(*) FROM messages
+             WHERE session_id = NEW.id AND user_id != participant.user_id)
+      FROM (SELECT NEW.trainer_id AS user_id UNION SELECT NEW.member_id) AS participant;
+END;
+
+CREATE TRIGGER IF NOT EXISTS messages_count_unread
+AFTER INSERT ON messages
+BEGIN
+    UPDATE pt_sessions SET last_message_id = NEW.id WHERE id = NEW.session_id;
+    UPDATE read_state SET unread_count = unread_count + 1
+     WHERE session_id = NEW.session_id AND user_id != NEW.user_id;
+END;
