@@ -225,7 +225,8 @@ class JsonFormatter(logging.Formatter):
                 .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                 "level": record.levelname.lower(),
                 "event": getattr(record, "event", record.name.replace(".", "_"))}
-        line.update(getattr(record, "fields", None) or {"message": record.getMessage()})
+        fields = getattr(record, "fields", None)
+        line.update({"message": record.getMessage()} if fields is None else fields)
         if record.exc_info:
             line["traceback"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False, default=str)
@@ -284,7 +285,7 @@ class Metrics:
         def family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
             lines.append(f"# HELP {name} {help_text}")
             lines.append(f"# TYPE {name} {kind}")
-            lines.extend(f"{name}{labels} {value:g}" for labels, value in samples)
+            lines.extend(f"{name}{labels} {prometheus_number(value)}" for labels, value in samples)
 
         def labelled(label: str, counts: collections.Counter) -> list[tuple[str, float]]:
             return [(f'{{{label}="{key}"}}', count) for key, count in sorted(counts.items())]
@@ -298,7 +299,7 @@ class Metrics:
                         ("_count", histogram.count)]
             lines.append(f"# HELP {name} {help_text}")
             lines.append(f"# TYPE {name} histogram")
-            lines.extend(f"{name}{suffix} {value:g}" for suffix, value in samples)
+            lines.extend(f"{name}{suffix} {prometheus_number(value)}" for suffix, value in samples)
 
         family("distributor_sockets_open", "gauge", "Open WebSockets.", [("", sockets_open)])
         family("distributor_rooms_live", "gauge", "Rooms with at least one open WebSocket.",
@@ -320,6 +321,11 @@ class Metrics:
         family("process_start_time_seconds", "gauge", "Start time of the process since the epoch.",
                [("", PROCESS_STARTED_AT)])
         return "\n".join(lines) + "\n"
+
+
+def prometheus_number(value: float) -> str:
+    """Counts exactly (no exponent that rounds a large count), times as they are."""
+    return str(value) if isinstance(value, int) else repr(float(value))
 
 
 def resident_memory_bytes() -> int:
@@ -2406,7 +2412,7 @@ async def refuse_socket(request: web.Request, code: int, reason: str) -> web.Web
     ws = web.WebSocketResponse(autoping=False, timeout=CLOSE_HANDSHAKE_TIMEOUT_S,
                                max_msg_size=MAX_FRAME_BYTES + 1)
     await ws.prepare(request)
-    request.app[METRICS].closes[code] += 1
+    request.app[METRICS].closes[int(code)] += 1
     log_event(logging.INFO, "ws_refused", room_id=request.match_info["room_id"][:80], code=code,
               reason=reason)
     try:
@@ -2450,8 +2456,9 @@ async def chat_socket_handler(request: web.Request) -> web.StreamResponse:
         finally:  # aiohttp may cancel the handler mid-close (at shutdown)
             ws.outbox.cancel()
             ws.finished.set_result(None)
-            close_code = ws.close_code or WSCloseCode.ABNORMAL_CLOSURE
-            request.app[METRICS].closes[close_code] += 1
+            # The code this side closed with, else the one the peer or aiohttp did.
+            close_code = ws.stop_code or ws.close_code or WSCloseCode.ABNORMAL_CLOSURE
+            request.app[METRICS].closes[int(close_code)] += 1
             log_event(logging.INFO, "ws_close", room_id=room_id, user_id=ws.identity.user_id,
                       code=close_code, reason=ws.stop_reason or None)
     return ws
@@ -3285,7 +3292,10 @@ async def run_server(settings: Settings, demo_users: list, secret: str) -> None:
         loop.add_signal_handler(signal_number, stop.set)
     await stop.wait()
     log_event(logging.INFO, "server_stop")
-    listener.close()  # stop accepting; the runner then closes every connection
+    listener.close()  # stop accepting
+    # Sockets first: the runner's cleanup starts by making aiohttp drop what
+    # every connection receives, clients' answers to our 1001 included.
+    await close_all_sockets(runner.app)
     await runner.cleanup()
 
 
