@@ -3273,8 +3273,10 @@ async def run_server(settings: Settings, demo_users: list, secret: str) -> None:
     port = listener.sockets[0].getsockname()[1]
     settings = dataclasses.replace(settings, port=port)
     print(f"Distributor Chat on {public_base_url(settings)}{ROOMS_PATH}", flush=True)
+    per_address = "per address: left to the proxy" if settings.trust_proxy \
+        else f"at most {settings.max_connections_per_ip:,} from one address"
     print(f"Holds up to {guard.capacity:,} connections (open-file limit {open_file_limit:,}; "
-          f"at most {settings.max_connections_per_ip:,} from one address)", flush=True)
+          f"{per_address})", flush=True)
     log_event(logging.INFO, "server_start", version=VERSION, host=settings.host, port=port,
               connections=guard.capacity)
     for user in demo_users:
