@@ -5,13 +5,14 @@ Personal trainers chat 1:1 with their PT members, one room per PT session
 Live over WebSocket, stored in SQLite, signed in with JWTs.
 
 Sections, top to bottom (``grep -n '# ===' distributor_chat.py``):
-settings, metrics, storage, auth, frames, chat hub, HTTP, WebSocket, app, connections,
-CLI.
+settings, metrics, storage, auth, frames, chat hub, push, HTTP, WebSocket, app,
+connections, CLI.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import bisect
 import collections
 import contextlib
@@ -21,13 +22,15 @@ import gc
 import hashlib
 import hmac
 import io
+import ipaddress
 import itertools
 import json
 import logging
 import math
 import os
-import resource
+import random
 import re
+import resource
 import secrets
 import signal
 import socket
@@ -56,7 +59,7 @@ import jinja2
 import jwt
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
-from aiohttp.abc import AbstractAccessLogger
+from aiohttp.abc import AbstractAccessLogger, AbstractResolver
 from aiohttp.web_protocol import RequestHandler
 
 log = logging.getLogger("distributor_chat")
@@ -120,6 +123,8 @@ HISTORY_READS_PER_S = 10.0
 OPEN_AND_READ_BURST = 40.0
 # Pings and pongs on one socket; aiohttp's own answering loop never yields.
 MAX_CONTROL_FRAMES_PER_S = 50
+MAX_PUSH_SUBSCRIPTIONS = 10  # per user; the oldest goes
+PUSH_RETRY_FIRST_S_DEFAULT = 1.0
 # Connections waiting to be accepted. When every client reconnects at once (a
 # restart, a Wi-Fi blip), a short queue drops SYNs and each dropped client
 # waits a full second to retry; the kernel caps this at net.core.somaxconn.
@@ -160,6 +165,11 @@ class Settings:
     log_format: str = "text"
     public_url: str | None = None
     show_qr: bool = False
+    vapid_private_key: str | None = None  # None: one made once and kept in the database
+    push_contact: str | None = None
+    push_allow_hosts: tuple[str, ...] = ()
+    push_preview: bool = True
+    push_retry_first_s: float = PUSH_RETRY_FIRST_S_DEFAULT  # tests shorten it
     ping_interval_s: float = PING_INTERVAL_S  # also how soon a dead peer is dropped
     log_level: str = "info"
     demo: bool = True
@@ -361,9 +371,10 @@ ROLLBACK = "ROLLBACK"
 # schema.sql is always the whole current schema. An older database is brought
 # up to it in one transaction at start: the steps below (what schema.sql's
 # CREATE ... IF NOT EXISTS cannot do, such as a new column), then schema.sql.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_UPGRADES: dict[int, tuple[str, ...]] = {
     1: (),  # revoked_tokens: a new table only
+    2: (),  # push_subscriptions: a new table only
 }
 SELECT_SCHEMA_VERSION = "PRAGMA user_version"
 HAS_USERS_TABLE = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'users'"
@@ -372,9 +383,10 @@ BACKUP_INTO = "VACUUM INTO :path"
 COUNT_SESSIONS = "SELECT count(*) FROM pt_sessions"
 COUNT_MESSAGES = "SELECT count(*) FROM messages"
 
-SELECT_SECRET = "SELECT value FROM meta WHERE key = 'jwt_secret'"
-INSERT_SECRET = """
-    INSERT INTO meta (key, value) VALUES ('jwt_secret', :secret) ON CONFLICT (key) DO NOTHING
+# A value made once and kept (the JWT secret, the VAPID key): the first one stays.
+SELECT_KEPT_VALUE = "SELECT value FROM meta WHERE key = :key"
+INSERT_KEPT_VALUE = """
+    INSERT INTO meta (key, value) VALUES (:key, :value) ON CONFLICT (key) DO NOTHING
 """
 SELECT_ADMIN_VERSION = "SELECT value FROM meta WHERE key = 'admin_version'"
 BUMP_ADMIN_VERSION = """
@@ -396,6 +408,24 @@ INSERT_REVOKED_TOKEN = """
     ON CONFLICT (token_hash) DO NOTHING
 """
 DELETE_EXPIRED_REVOCATIONS = "DELETE FROM revoked_tokens WHERE expires_at < :now"
+DELETE_SUBSCRIPTION = "DELETE FROM push_subscriptions WHERE endpoint = :endpoint"
+DELETE_OWN_SUBSCRIPTION = """
+    DELETE FROM push_subscriptions WHERE endpoint = :endpoint AND user_id = :user_id
+"""
+INSERT_SUBSCRIPTION = """
+    INSERT INTO push_subscriptions (endpoint, user_id, p256dh, auth, created_at)
+    VALUES (:endpoint, :user_id, :p256dh, :auth, :created_at)
+"""
+TRIM_SUBSCRIPTIONS = """
+    DELETE FROM push_subscriptions
+     WHERE user_id = :user_id
+       AND id NOT IN (SELECT id FROM push_subscriptions WHERE user_id = :user_id
+                       ORDER BY id DESC LIMIT :keep)
+"""
+SELECT_SUBSCRIPTIONS = """
+    SELECT endpoint, p256dh, auth FROM push_subscriptions WHERE user_id = :user_id ORDER BY id
+"""
+SELECT_UNREAD_TOTAL = "SELECT coalesce(sum(unread_count), 0) FROM read_state WHERE user_id = :user_id"
 INSERT_USER = """
     INSERT INTO users (id, name, role, created_at) VALUES (:user_id, :name, :role, :created_at)
 """
@@ -823,9 +853,30 @@ async def store_revocation(tx: Transaction, params: dict) -> None:
     await tx.execute(DELETE_EXPIRED_REVOCATIONS, {"now": int(time.time())})
 
 
+async def store_subscription(tx: Transaction, params: dict) -> None:
+    """A new row for the endpoint (also when it moves to another user), then the
+    user's oldest beyond MAX_PUSH_SUBSCRIPTIONS go."""
+    await tx.execute(DELETE_SUBSCRIPTION, params)
+    await tx.execute(INSERT_SUBSCRIPTION, params)
+    await tx.execute(TRIM_SUBSCRIPTIONS, {"user_id": params["user_id"], "keep": MAX_PUSH_SUBSCRIPTIONS})
+
+
+async def store_kept_value(tx: Transaction, params: dict) -> None:
+    await tx.execute(INSERT_KEPT_VALUE, params)
+
+
+async def store_unsubscription(tx: Transaction, params: dict) -> None:
+    """The caller's own subscription goes (params has user_id), or a gone one
+    the push service refused with 404/410 (params has no user_id)."""
+    await tx.execute(DELETE_OWN_SUBSCRIPTION if "user_id" in params else DELETE_SUBSCRIPTION, params)
+
+
 store_spreads = one_by_one(store_spread)
 store_reads = one_by_one(store_read)
 store_revocations = one_by_one(store_revocation)
+store_subscriptions = one_by_one(store_subscription)
+store_unsubscriptions = one_by_one(store_unsubscription)
+store_kept_values = one_by_one(store_kept_value)
 
 
 @dataclass(slots=True)
@@ -1057,11 +1108,28 @@ class Storage:
             yield tx
             await tx.execute(BUMP_ADMIN_VERSION)
 
+    async def push_subscriptions(self, user_id: str) -> list:
+        return await self._read(SELECT_SUBSCRIPTIONS, {"user_id": user_id})
+
+    async def unread_total(self, user_id: str) -> int:
+        return (await self._read_one(SELECT_UNREAD_TOTAL, {"user_id": user_id}))[0]
+
+    async def vapid_private_key(self, make_key: Callable[[], str]) -> str:
+        """The VAPID key kept in the database, made (by ``make_key``) on first use.
+        Through the writer: the server is running when push is first used."""
+        key = {"key": "vapid_private_key"}
+        row = await self._read_one(SELECT_KEPT_VALUE, key)
+        if row is None:
+            await self.submit(store_kept_values, {**key, "value": make_key()})
+            row = await self._read_one(SELECT_KEPT_VALUE, key)
+        return row[0]
+
     async def secret(self) -> str:
         """The JWT key kept in the database, made on first use."""
+        key = {"key": "jwt_secret"}
         async with self.transaction() as tx:
-            await tx.execute(INSERT_SECRET, {"secret": secrets.token_urlsafe(32)})
-            return (await tx.fetch_one(SELECT_SECRET))[0]
+            await store_kept_value(tx, {**key, "value": secrets.token_urlsafe(32)})
+            return (await tx.fetch_one(SELECT_KEPT_VALUE, key))[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -1578,6 +1646,7 @@ class ChatHub:
 
     def __init__(self, rate_limit: float, metrics: Metrics) -> None:
         self.metrics = metrics
+        self.push: PushSender | None = None  # set while the push sender runs
         self.room_sockets: dict[str, weakref.WeakSet[ChatSocket]] = {}
         self.socket_counts_by_user: dict[str, int] = {}
         self.pending_leaves: dict[tuple[str, str], asyncio.TimerHandle] = {}
@@ -1704,11 +1773,345 @@ async def watch_admin_changes(storage: Storage, hub: ChatHub) -> None:
         await asyncio.sleep(ADMIN_POLL_INTERVAL_S)
 
 
+# ============================================================== push ===
+#
+# Web Push (RFC 8030) to members who are not looking: the payload encrypted
+# for the browser (RFC 8291, aes128gcm), signed for the push service (VAPID,
+# RFC 8292). Pushes leave from a bounded queue through one worker, so a slow
+# push service never delays an ack or a broadcast. The endpoint is a URL a
+# user gave us: it is reached only on a public address (checked again at
+# every connection, so a DNS answer that changes cannot point it inward),
+# never following a redirect. `cryptography` is loaded on first use only.
+
+PUSH_QUEUE_MAX = 10_000
+PUSH_TTL_S = 86_400
+PUSH_TIMEOUT_S = 10.0
+PUSH_RETRY_FOR_S = 600.0  # 429 and 5xx are retried with backoff for this long
+PUSH_PREVIEW_CHARS = 100
+PUSH_RECORD_SIZE = 4096
+PUSH_DELIVERIES_AT_ONCE = 32
+PUSH_RESPONSE_READ_MAX = 4096
+PHOTO_PREVIEW = "📷"
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _crypto():
+    """cryptography's primitives, imported on first use (the server process keeps
+    the package out at start: see the top of this file)."""
+    if sys.modules.get("cryptography", False) is None:
+        del sys.modules["cryptography"]
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, utils
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    return hashes, serialization, ec, utils, AESGCM
+
+
+def new_vapid_private_key() -> str:
+    """A P-256 private key as its 32-byte scalar, base64url."""
+    _, _, ec, _, _ = _crypto()
+    return b64url(ec.generate_private_key(ec.SECP256R1()).private_numbers()
+                  .private_value.to_bytes(32, "big"))
+
+
+class Vapid:
+    """The server's VAPID identity: signs a JWT per push service origin."""
+
+    def __init__(self, private_key_b64: str, contact: str | None) -> None:
+        hashes, serialization, ec, utils, _ = _crypto()
+        self._hashes, self._ec, self._utils = hashes, ec, utils
+        self.private_key = ec.derive_private_key(int.from_bytes(b64url_decode(private_key_b64), "big"),
+                                                 ec.SECP256R1())
+        self.public_key_b64 = b64url(self.private_key.public_key().public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint))
+        self.contact = contact
+
+    def authorization(self, endpoint: str) -> str:
+        parts = urlsplit(endpoint)
+        claims = {"aud": f"{parts.scheme}://{parts.netloc}", "exp": int(time.time()) + 12 * 3600}
+        if self.contact:
+            claims["sub"] = self.contact
+        signing_input = (b64url(compact_json({"typ": "JWT", "alg": "ES256"}).encode()) + "."
+                         + b64url(compact_json(claims).encode()))
+        r, s = self._utils.decode_dss_signature(self.private_key.sign(
+            signing_input.encode(), self._ec.ECDSA(self._hashes.SHA256())))
+        token = signing_input + "." + b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+        return f"vapid t={token}, k={self.public_key_b64}"
+
+
+def encrypt_push(payload: bytes, user_agent_key: bytes, auth_secret: bytes) -> bytes:
+    """RFC 8291: one aes128gcm record for the browser's key and auth secret."""
+    hashes, serialization, ec, _, AESGCM = _crypto()
+
+    def hmac_sha256(key: bytes, data: bytes) -> bytes:
+        return hmac.new(key, data, hashlib.sha256).digest()
+
+    local_key = ec.generate_private_key(ec.SECP256R1())
+    local_public = local_key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    peer = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), user_agent_key)
+    shared_secret = local_key.exchange(ec.ECDH(), peer)
+    key_info = b"WebPush: info\x00" + user_agent_key + local_public
+    ikm = hmac_sha256(hmac_sha256(auth_secret, shared_secret), key_info + b"\x01")
+    salt = secrets.token_bytes(16)
+    prk = hmac_sha256(salt, ikm)
+    content_key = hmac_sha256(prk, b"Content-Encoding: aes128gcm\x00\x01")[:16]
+    nonce = hmac_sha256(prk, b"Content-Encoding: nonce\x00\x01")[:12]
+    record = AESGCM(content_key).encrypt(nonce, payload + b"\x02", None)  # \x02: the last record
+    return (salt + struct.pack("!IB", PUSH_RECORD_SIZE, len(local_public)) + local_public
+            + record)
+
+
+def is_public_address(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+class PushAddressError(Exception):
+    """A push endpoint the server will not send to."""
+
+
+def endpoint_host(endpoint: str, allowed_hosts: tuple[str, ...]) -> tuple[str, int, bool]:
+    """(host, port, is_allowed) of an endpoint the server may try; else PushAddressError.
+    https only, unless its host:port was admitted with --push-allow-host."""
+    try:
+        parts = urlsplit(endpoint)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise PushAddressError("the endpoint is not a URL") from None
+    host = (parts.hostname or "").lower()
+    if not host or parts.username or parts.password:
+        raise PushAddressError("the endpoint has no usable host")
+    is_allowed = f"{host}:{port}" in allowed_hosts or (host in allowed_hosts and parts.port is None)
+    if parts.scheme != "https" and not (is_allowed and parts.scheme == "http"):
+        raise PushAddressError("a push endpoint must be https://")
+    return host, port, is_allowed
+
+
+async def check_push_endpoint(endpoint: str, allowed_hosts: tuple[str, ...]) -> None:
+    """Refuse (PushAddressError) an endpoint that is not a public https address,
+    after resolving its name: every address it resolves to must be public."""
+    host, port, is_allowed = endpoint_host(endpoint, allowed_hosts)
+    if is_allowed:
+        return
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise PushAddressError("the endpoint's host does not resolve") from None
+    if not infos or not all(is_public_address(info[4][0]) for info in infos):
+        raise PushAddressError("the endpoint is not on a public address")
+
+
+class PublicOnlyResolver(AbstractResolver):
+    """The push sender's resolver: only public addresses, except admitted hosts,
+    so the address connected to is the address checked."""
+
+    def __init__(self, allowed_hosts: tuple[str, ...]) -> None:
+        self.allowed_hosts = allowed_hosts
+        self.resolver = aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list:
+        addresses = await self.resolver.resolve(host, port, family)
+        if f"{host.lower()}:{port}" in self.allowed_hosts or host.lower() in self.allowed_hosts:
+            return addresses
+        public = [address for address in addresses if is_public_address(address["host"])]
+        if not public:
+            raise OSError(f"{host} is not on a public address")
+        return public
+
+    async def close(self) -> None:
+        await self.resolver.close()
+
+
+@dataclass(slots=True)
+class PushJob:
+    kind: str  # "message": a stored message for its room's other person; "read": unread back to 0
+    user_id: str
+    room_id: str = ""
+    session_id: int = 0
+    message_id: int = 0
+    sender_name: str = ""
+    preview: str = ""
+
+
+class PushSender:
+    """The bounded queue of pushes and the one task that works through it."""
+
+    def __init__(self, storage: Storage, hub: ChatHub, metrics: Metrics, *,
+                 vapid_private_key: str | None, contact: str | None,
+                 allowed_hosts: tuple[str, ...], show_preview: bool,
+                 retry_first_s: float) -> None:
+        self.storage, self.hub, self.metrics = storage, hub, metrics
+        self.configured_key = vapid_private_key
+        self.contact = contact
+        self.allowed_hosts = allowed_hosts
+        self.show_preview = show_preview
+        self.retry_first_s = retry_first_s
+        self.queue: asyncio.Queue[PushJob] = asyncio.Queue(PUSH_QUEUE_MAX)
+        self.vapid: Vapid | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.task: asyncio.Task | None = None
+        self.deliveries: set[asyncio.Task] = set()
+        self.delivery_slots = asyncio.Semaphore(PUSH_DELIVERIES_AT_ONCE)
+
+    async def public_key(self) -> str:
+        return (await self._vapid()).public_key_b64
+
+    async def _vapid(self) -> Vapid:
+        if self.vapid is None:
+            key = self.configured_key or await self.storage.vapid_private_key(new_vapid_private_key)
+            self.vapid = Vapid(key, self.contact)
+        return self.vapid
+
+    def message_stored(self, room_id: str, session_id: int, message_id: int, sender_id: str,
+                       sender_name: str, content: str) -> None:
+        """A chat, photo or spread is stored: its room's other person may need a push."""
+        preview = content[:PUSH_PREVIEW_CHARS] if content else PHOTO_PREVIEW
+        self._put(PushJob("message", sender_id, room_id, session_id, message_id, sender_name,
+                          preview if self.show_preview else ""))
+
+    def read_moved(self, user_id: str) -> None:
+        self._put(PushJob("read", user_id))
+
+    def _put(self, job: PushJob) -> None:
+        try:
+            self.queue.put_nowait(job)
+        except asyncio.QueueFull:  # a push is a nudge, not the message: drop it
+            self.metrics.push_sent["dropped"] += 1
+            log_event(logging.WARNING, "push_failed", reason="queue full")
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.run(), name="push sender")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        for delivery in list(self.deliveries):
+            delivery.cancel()
+        await asyncio.gather(*filter(None, [self.task, *self.deliveries]), return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()
+
+    async def run(self) -> None:
+        while True:
+            job = await self.queue.get()
+            try:
+                await self._handle(job)
+            except StorageUnavailable as error:
+                log_event(logging.WARNING, "push_failed", reason="storage", error=error)
+            except Exception as error:  # a bad push must not stop the later ones
+                log_event(logging.ERROR, "push_failed", reason="unexpected", error=repr(error))
+
+    async def _handle(self, job: PushJob) -> None:
+        if job.kind == "message":
+            row = await self.storage.room(job.session_id)
+            if row is None:
+                return
+            recipient = row["member_id"] if job.user_id == row["trainer_id"] else row["trainer_id"]
+            if self.hub.is_present(job.room_id, recipient):
+                return  # looking at the room already
+        else:
+            recipient = job.user_id
+        subscriptions = await self.storage.push_subscriptions(recipient)
+        if not subscriptions:
+            return
+        unread_total = await self.storage.unread_total(recipient)
+        if job.kind == "message":
+            payload = {"type": "message", "room_id": job.room_id, "message_id": job.message_id,
+                       "sender_name": job.sender_name, "preview": job.preview,
+                       "unread_total": unread_total}
+        elif unread_total == 0:
+            payload = {"type": "read", "unread_total": 0}
+        else:
+            return
+        vapid = await self._vapid()
+        body = compact_json(payload).encode()
+        for row in subscriptions:
+            await self.delivery_slots.acquire()
+            delivery = asyncio.create_task(self._deliver(vapid, row["endpoint"], row["p256dh"],
+                                                         row["auth"], body, job.room_id))
+            self.deliveries.add(delivery)
+            delivery.add_done_callback(self._delivered)
+
+    def _delivered(self, delivery: asyncio.Task) -> None:
+        self.deliveries.discard(delivery)
+        self.delivery_slots.release()
+
+    async def _deliver(self, vapid: Vapid, endpoint: str, p256dh: str, auth: str, body: bytes,
+                       topic: str) -> None:
+        """One push to one subscription; 429 and 5xx again with backoff for up to
+        PUSH_RETRY_FOR_S, 404 and 410 delete the subscription."""
+        host = urlsplit(endpoint).hostname  # never the path: it identifies the subscription
+        try:
+            encrypted = encrypt_push(body, b64url_decode(p256dh), b64url_decode(auth))
+            endpoint_host(endpoint, self.allowed_hosts)
+        except (ValueError, PushAddressError) as error:
+            self.metrics.push_sent["refused"] += 1
+            log_event(logging.WARNING, "push_failed", host=host, reason=str(error))
+            return
+        headers = {"TTL": str(PUSH_TTL_S), "Urgency": "high", "Content-Encoding": "aes128gcm",
+                   "Content-Type": "application/octet-stream"}
+        if topic:
+            headers["Topic"] = topic  # a room id: URL-safe base64 characters only, as RFC 8030 asks
+        give_up_at = time.monotonic() + PUSH_RETRY_FOR_S
+        wait_s = self.retry_first_s
+        while True:
+            status = await self._post(endpoint, encrypted, {**headers,
+                                                            "Authorization": vapid.authorization(endpoint)})
+            if status is not None and 200 <= status < 300:
+                self.metrics.push_sent["sent"] += 1
+                return
+            if status in (404, 410):
+                self.metrics.push_sent["gone"] += 1
+                with contextlib.suppress(StorageUnavailable):
+                    await self.storage.submit(store_unsubscriptions, {"endpoint": endpoint})
+                log_event(logging.INFO, "push_subscription_gone", host=host, status=status)
+                return
+            if status is not None and status != 429 and status < 500:
+                self.metrics.push_sent["failed"] += 1
+                log_event(logging.WARNING, "push_failed", host=host, status=status)
+                return
+            if time.monotonic() + wait_s > give_up_at:
+                self.metrics.push_sent["failed"] += 1
+                log_event(logging.WARNING, "push_failed", host=host, status=status,
+                          reason="gave up after retries")
+                return
+            self.metrics.push_sent["retried"] += 1
+            await asyncio.sleep(wait_s * random.uniform(0.8, 1.2))
+            wait_s = min(wait_s * 2, 120.0)
+
+    async def _post(self, endpoint: str, body: bytes, headers: dict) -> int | None:
+        """The push service's status, or None when it could not be reached."""
+        if self.session is None:
+            connector = aiohttp.TCPConnector(resolver=PublicOnlyResolver(self.allowed_hosts),
+                                             limit=PUSH_DELIVERIES_AT_ONCE)
+            self.session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=PUSH_TIMEOUT_S))
+        try:
+            async with self.session.post(endpoint, data=body, headers=headers,
+                                         allow_redirects=False) as response:
+                await response.content.read(PUSH_RESPONSE_READ_MAX)
+                return response.status
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as error:
+            log_event(logging.INFO, "push_unreachable", host=urlsplit(endpoint).hostname,
+                      error=type(error).__name__)
+            return None
+
+
 # ============================================================== HTTP ===
 
 SETTINGS = web.AppKey("SETTINGS", Settings)
 TOKEN_RULES = web.AppKey("TOKEN_RULES", TokenRules)
 METRICS = web.AppKey("METRICS", Metrics)
+PUSH = web.AppKey("PUSH", PushSender)
 STORAGE = web.AppKey("STORAGE", Storage)
 HUB = web.AppKey("HUB", ChatHub)
 
@@ -1728,7 +2131,7 @@ class ApiError(Exception):
 def wants_json(request: web.Request) -> bool:
     if request.query.get("format") == "json":
         return True
-    if request.path.startswith((f"{BASE_PATH}/ws/", f"{BASE_PATH}/healthz")):
+    if request.path.startswith((f"{BASE_PATH}/ws/", f"{BASE_PATH}/healthz", f"{BASE_PATH}/push/")):
         return True
     if request.path.startswith(ROOMS_PATH + "/"):  # the messages API
         return True
@@ -1832,6 +2235,15 @@ def is_cross_site(request: web.Request) -> bool:
         return True
     origin = request.headers.get("Origin")
     return origin is not None and not is_own_origin(request, origin)
+
+
+def origin_allowed(request: web.Request, settings: Settings) -> bool:
+    """No Origin (a non-browser client) or our own, or one the operator allowed."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    return origin.strip().lower().rstrip("/") in settings.allowed_origins \
+        or is_own_origin(request, origin)
 
 
 async def require_identity(request: web.Request) -> Identity:
@@ -2030,6 +2442,67 @@ async def logout_handler(request: web.Request) -> web.Response:
     return response
 
 
+async def push_key_handler(request: web.Request) -> web.Response:
+    """The VAPID public key a browser subscribes with (no sign-in needed: it is public)."""
+    return web.json_response({"public_key": await request.app[PUSH].public_key()})
+
+
+async def read_json_body(request: web.Request) -> Any:
+    """A push subscription request's body: JSON only, from our own pages only."""
+    if not origin_allowed(request, request.app[SETTINGS]):
+        raise ApiError(403, "a request from another site is refused")
+    if request.content_type != "application/json":
+        raise ApiError(415, "send application/json", "unsupported_media")
+    try:
+        return json.loads(await request.text())
+    except (ValueError, RecursionError, UnicodeDecodeError):
+        raise ApiError(400, "the body is not JSON") from None
+
+
+def checked_subscription(body: Any) -> dict:
+    """PushSubscription.toJSON(): endpoint, keys.p256dh (a P-256 point), keys.auth (16 bytes)."""
+    if not isinstance(body, dict) or not isinstance(body.get("endpoint"), str) \
+            or not 1 <= len(body["endpoint"]) <= 2048 or not isinstance(body.get("keys"), dict):
+        raise ApiError(400, "a subscription has an endpoint and keys")
+    keys = body["keys"]
+    try:
+        p256dh = b64url_decode(keys["p256dh"])
+        auth = b64url_decode(keys["auth"])
+    except (KeyError, TypeError, ValueError):
+        raise ApiError(400, "keys.p256dh and keys.auth must be base64url") from None
+    if len(p256dh) != 65 or p256dh[0] != 4 or len(auth) != 16:
+        raise ApiError(400, "keys.p256dh must be an uncompressed P-256 key and keys.auth 16 bytes")
+    return {"endpoint": body["endpoint"], "p256dh": keys["p256dh"], "auth": keys["auth"]}
+
+
+async def subscribe_handler(request: web.Request) -> web.Response:
+    identity = await require_identity(request)
+    subscription = checked_subscription(await read_json_body(request))
+    try:
+        await check_push_endpoint(subscription["endpoint"], request.app[SETTINGS].push_allow_hosts)
+    except PushAddressError as error:
+        raise ApiError(400, str(error)) from None
+    params = {**subscription, "user_id": identity.user_id, "created_at": utc_now_iso()}
+    try:
+        await request.app[STORAGE].submit(store_subscriptions, params)
+    except StorageUnavailable:
+        raise ApiError(503, "not stored; try again") from None
+    return web.json_response({"status": "subscribed"}, status=201)
+
+
+async def unsubscribe_handler(request: web.Request) -> web.Response:
+    identity = await require_identity(request)
+    body = await read_json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("endpoint"), str):
+        raise ApiError(400, "give the endpoint to unsubscribe")
+    try:
+        await request.app[STORAGE].submit(store_unsubscriptions,
+                                          {"endpoint": body["endpoint"], "user_id": identity.user_id})
+    except StorageUnavailable:
+        raise ApiError(503, "not stored; try again") from None
+    return web.Response(status=204)
+
+
 async def metrics_handler(request: web.Request) -> web.Response:
     """Prometheus' text format, only with --metrics-token, only to that Bearer token."""
     token = request.app[SETTINGS].metrics_token
@@ -2077,15 +2550,6 @@ class PathOnlyAccessLogger(AbstractAccessLogger):
 
 
 # ========================================================= WebSocket ===
-
-
-def origin_allowed(request: web.Request, settings: Settings) -> bool:
-    """No Origin (a non-browser client) or our own, or one the operator allowed."""
-    origin = request.headers.get("Origin")
-    if origin is None:
-        return True
-    return origin.strip().lower().rstrip("/") in settings.allowed_origins \
-        or is_own_origin(request, origin)
 
 
 class SocketRefused(Exception):
@@ -2251,6 +2715,9 @@ def publish_chat(hub: ChatHub, ws: ChatSocket, client_id: str, content: str,
             message_type="chat", message_id=stored.message_id, session_id=ws.room.session_id,
             user_id=ws.identity.user_id, sender_name=ws.identity.name, content=content,
             created_at=stored.created_at, client_id=client_id))
+        if hub.push is not None:
+            hub.push.message_stored(ws.room.room_id, ws.room.session_id, stored.message_id,
+                                    ws.identity.user_id, ws.identity.name, content)
     ws.send_later(ack_frame(client_id, stored.message_id, stored.created_at))
 
 
@@ -2265,6 +2732,9 @@ def publish_spread(hub: ChatHub, ws: ChatSocket, client_id: str, content: str,
             message_type="spread", message_id=message_id, session_id=session_id,
             user_id=ws.identity.user_id, sender_name=ws.identity.name, content=content,
             created_at=stored.created_at, client_id=client_id))
+        if hub.push is not None:
+            hub.push.message_stored(room_id_of(session_id), session_id, message_id,
+                                    ws.identity.user_id, ws.identity.name, content)
     ws.send_later({**ack_frame(client_id, stored.message_id, stored.created_at),
                    "rooms": stored.room_count})
 
@@ -2276,6 +2746,8 @@ def publish_read(hub: ChatHub, ws: ChatSocket, future: asyncio.Future) -> None:
     if last_read_id is not None:
         hub.broadcast(ws.room.room_id, read_frame(ws.room.room_id, ws.identity.user_id,
                                                   last_read_id))
+        if hub.push is not None:  # at 0 unread, the user's other devices clear their badge
+            hub.push.read_moved(ws.identity.user_id)
 
 
 async def wait_settled(future: asyncio.Future) -> None:
@@ -2490,6 +2962,19 @@ async def writer_context(app: web.Application):
     await app[STORAGE].writer.stop()  # after every handler: nothing queued is dropped
 
 
+async def push_context(app: web.Application):
+    settings = app[SETTINGS]
+    sender = app[PUSH] = PushSender(
+        app[STORAGE], app[HUB], app[METRICS], vapid_private_key=settings.vapid_private_key,
+        contact=settings.push_contact, allowed_hosts=settings.push_allow_hosts,
+        show_preview=settings.push_preview, retry_first_s=settings.push_retry_first_s)
+    sender.start()
+    app[HUB].push = sender
+    yield
+    app[HUB].push = None
+    await sender.stop()
+
+
 async def _stop_task(task: asyncio.Task) -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
@@ -2540,8 +3025,11 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post(f"{BASE_PATH}/logout", logout_handler)
     app.router.add_get(f"{BASE_PATH}/healthz", healthz_handler)
     app.router.add_get(f"{BASE_PATH}/metrics", metrics_handler)
+    app.router.add_get(f"{BASE_PATH}/push/key", push_key_handler)
+    app.router.add_post(f"{BASE_PATH}/push/subscriptions", subscribe_handler)
+    app.router.add_delete(f"{BASE_PATH}/push/subscriptions", unsubscribe_handler)
     app.router.add_get(f"{BASE_PATH}/static/{{path:.+}}", static_handler)
-    app.cleanup_ctx.extend([storage_context, writer_context, admin_watch_context,
+    app.cleanup_ctx.extend([storage_context, writer_context, push_context, admin_watch_context,
                             liveness_context])
     app.on_shutdown.append(close_all_sockets)
     app.on_response_prepare.append(add_security_headers)
@@ -2830,6 +3318,35 @@ def _public_url(text: str) -> str:
     return url
 
 
+def _vapid_key(text: str) -> str:
+    try:
+        scalar = b64url_decode(text.strip())
+    except ValueError:
+        scalar = b""
+    if len(scalar) != 32 or not any(scalar):
+        raise argparse.ArgumentTypeError("a VAPID private key is 32 bytes, base64url")
+    return text.strip()
+
+
+def _push_contact(text: str) -> str:
+    if not text.startswith(("mailto:", "https://")) or len(text) < 10:
+        raise argparse.ArgumentTypeError(f"a contact looks like mailto:owner@gym.example: {text!r}")
+    return text
+
+
+def _on_off(text: str) -> str:
+    if text.lower() not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"on or off, not {text!r}")
+    return text.lower()
+
+
+def _host_port(text: str) -> str:
+    host = text.strip().lower()
+    if not HOST_PATTERN.fullmatch(host):
+        raise argparse.ArgumentTypeError(f"a host or host:port, like 127.0.0.1:9000: {text!r}")
+    return host
+
+
 def _name(text: str) -> str:
     name = text.strip()
     if not name or len(name) > USER_NAME_MAX_CHARS or not is_encodable(name):
@@ -2854,12 +3371,17 @@ SERVER_OPTIONS = (
     ("--jwt-audience", "jwt_audience", _nonempty, "require this aud in every token"),
     ("--metrics-token", "metrics_token", _nonempty, "serve /distributor/metrics to this Bearer token"),
     ("--public-url", "public_url", _public_url, "the address users reach, for printed links"),
+    ("--vapid-private-key", "vapid_private_key", _vapid_key,
+     "Web Push VAPID key, base64url P-256 scalar (default: one kept in the database)"),
+    ("--push-contact", "push_contact", _push_contact, "mailto: or https: contact for push services"),
+    ("--push-preview", "push_preview", _on_off, "on (default) or off: message text in pushes"),
 )
 OPTION_DEFAULTS = {"host": "127.0.0.1", "port": "8080", "db": "distributor_chat.db",
                    "secret": None, "tz": None, "max_message_chars": "2000",
                    "rate_limit": "5", "max_connections_per_ip": str(MAX_CONNECTIONS_PER_IP),
                    "log_level": "info", "log_format": "text", "jwt_issuer": None,
-                   "jwt_audience": None, "metrics_token": None, "public_url": None}
+                   "jwt_audience": None, "metrics_token": None, "public_url": None,
+                   "vapid_private_key": None, "push_contact": None, "push_preview": "on"}
 # On/off options; the environment form is true for 1, true or yes.
 FLAG_OPTIONS = (
     ("--no-demo", "no_demo", "do not seed the demo gym into an empty database"),
@@ -2882,6 +3404,9 @@ def add_server_options(parser: argparse.ArgumentParser, *, from_env: bool) -> No
     parser.add_argument("--allowed-origin", dest="allowed_origin", type=_origin, action="append",
                         default=None if from_env else argparse.SUPPRESS,
                         help="another origin allowed to open sockets (repeatable)")
+    parser.add_argument("--push-allow-host", dest="push_allow_host", type=_host_port, action="append",
+                        default=None if from_env else argparse.SUPPRESS,
+                        help="a push service host[:port] admitted off the public internet (repeatable)")
     for flag, dest, help_text in FLAG_OPTIONS:
         parser.add_argument(flag, dest=dest, action="store_true",
                             default=False if from_env else argparse.SUPPRESS, help=help_text)
@@ -2920,14 +3445,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
-    origins = args.allowed_origin
-    if origins is None:
-        env_origins = os.environ.get(_env_name("--allowed-origin"), "")
+def _repeated(args: argparse.Namespace, parser: argparse.ArgumentParser, flag: str,
+              dest: str, kind: Callable[[str], str]) -> tuple[str, ...]:
+    """A repeatable option's values; its environment form is a comma-separated list."""
+    values = getattr(args, dest, None)
+    if values is None:
         try:
-            origins = [_origin(item) for item in env_origins.split(",") if item.strip()]
+            values = [kind(item) for item in os.environ.get(_env_name(flag), "").split(",")
+                      if item.strip()]
         except argparse.ArgumentTypeError as error:
-            parser.error(f"{_env_name('--allowed-origin')}: {error}")
+            parser.error(f"{_env_name(flag)}: {error}")
+    return tuple(values)
+
+
+def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
+    origins = _repeated(args, parser, "--allowed-origin", "allowed_origin", _origin)
     flags = {dest: getattr(args, dest) or os.environ.get(_env_name(flag), "").lower()
              in ("1", "true", "yes") for flag, dest, _ in FLAG_OPTIONS}
     return Settings(host=args.host, port=args.port, db_path=Path(args.db), secret=args.secret or None,
@@ -2939,7 +3471,10 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
                     jwt_issuer=args.jwt_issuer, jwt_audience=args.jwt_audience,
                     metrics_token=args.metrics_token, public_url=args.public_url,
                     trust_proxy=flags["trust_proxy"], show_qr=flags["qr"],
-                    demo=not flags["no_demo"])
+                    vapid_private_key=args.vapid_private_key, push_contact=args.push_contact,
+                    push_allow_hosts=_repeated(args, parser, "--push-allow-host", "push_allow_host",
+                                               _host_port),
+                    push_preview=args.push_preview == "on", demo=not flags["no_demo"])
 
 
 CLI_BUSY_TIMEOUT_MS = 5000  # a running server may hold the write lock a moment

@@ -87,3 +87,15 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
     token_hash TEXT PRIMARY KEY,
     expires_at INTEGER NOT NULL
 ) WITHOUT ROWID;
+
+-- Web Push subscriptions (a browser's PushSubscription), at most 10 a user:
+-- the oldest (lowest id) go first. The same endpoint again replaces its row.
+CREATE TABLE IF NOT EXISTS push_subscriptions (
+    id         INTEGER PRIMARY KEY,
+    endpoint   TEXT NOT NULL UNIQUE,
+    user_id    TEXT NOT NULL REFERENCES users (id),
+    p256dh     TEXT NOT NULL,
+    auth       TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS push_subscriptions_by_user ON push_subscriptions (user_id, id);
