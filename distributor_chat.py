@@ -2536,6 +2536,32 @@ async def static_handler(request: web.Request) -> web.FileResponse:
     return web.FileResponse(target, headers={"Cache-Control": "no-cache"})
 
 
+# The installable app (SPEC 10): what a phone's "Add to Home Screen" reads.
+APP_MANIFEST = {
+    "name": "Distributor Chat", "short_name": "PT 채팅", "lang": "ko",
+    "start_url": ROOMS_PATH, "scope": f"{BASE_PATH}/", "display": "standalone",
+    "theme_color": "#fee500", "background_color": "#f3f4f6",
+    "icons": [
+        {"src": f"{BASE_PATH}/static/icons/icon-192.png", "sizes": "192x192", "type": "image/png"},
+        {"src": f"{BASE_PATH}/static/icons/icon-512.png", "sizes": "512x512", "type": "image/png"},
+        {"src": f"{BASE_PATH}/static/icons/icon-maskable-512.png", "sizes": "512x512",
+         "type": "image/png", "purpose": "maskable"},
+    ],
+}
+SERVICE_WORKER_PATH = STATIC_DIR / "js" / "sw.js"
+
+
+async def manifest_handler(request: web.Request) -> web.Response:
+    return web.Response(text=compact_json(APP_MANIFEST), content_type="application/manifest+json",
+                        headers={"Cache-Control": "no-cache"})
+
+
+async def service_worker_handler(request: web.Request) -> web.FileResponse:
+    """The worker's script, at the top of the scope it serves (/distributor/)."""
+    return web.FileResponse(SERVICE_WORKER_PATH, headers={
+        "Content-Type": "text/javascript; charset=utf-8", "Cache-Control": "no-cache"})
+
+
 async def home_handler(request: web.Request) -> web.Response:
     return web.Response(status=303, headers={"Location": ROOMS_PATH})
 
@@ -3026,6 +3052,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get(f"{BASE_PATH}/healthz", healthz_handler)
     app.router.add_get(f"{BASE_PATH}/metrics", metrics_handler)
     app.router.add_get(f"{BASE_PATH}/push/key", push_key_handler)
+    app.router.add_get(f"{BASE_PATH}/manifest.webmanifest", manifest_handler)
+    app.router.add_get(f"{BASE_PATH}/sw.js", service_worker_handler)
     app.router.add_post(f"{BASE_PATH}/push/subscriptions", subscribe_handler)
     app.router.add_delete(f"{BASE_PATH}/push/subscriptions", unsubscribe_handler)
     app.router.add_get(f"{BASE_PATH}/static/{{path:.+}}", static_handler)

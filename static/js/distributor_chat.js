@@ -33,6 +33,16 @@
       stop4401: '로그인이 만료되었습니다. 로그인 링크를 다시 열어 주세요.', stop4403: '이 채팅방에 들어갈 수 없습니다.',
       stop4404: '채팅방이 없습니다.', joined: '{name}님이 들어왔습니다', left: '{name}님이 나갔습니다',
       unread: '읽지 않은 메시지 {n}개', rooms: '{n}개 채팅방', peerOnline: '접속 중', yesterday: '어제',
+      bell: {
+        on: '알림 켜짐', off: '알림 꺼짐', blocked: '알림 차단됨', unsupported: '알림 지원 안 됨',
+        ios: '홈 화면에 추가하면 알림', checking: '알림',
+      },
+      bellHelp: {
+        on: '새 메시지 알림을 받고 있습니다. 누르면 끕니다.', off: '누르면 새 메시지 알림을 켭니다.',
+        blocked: '브라우저 설정에서 이 사이트의 알림이 차단되어 있습니다.',
+        unsupported: '이 브라우저에서는 알림을 받을 수 없습니다.',
+        ios: 'iPhone에서는 공유 버튼 → "홈 화면에 추가" 후 앱에서 알림을 켤 수 있습니다.', checking: '알림 상태 확인 중',
+      },
       errors: {
         too_long: '메시지가 너무 깁니다.', empty: '빈 메시지는 보낼 수 없습니다.', invalid_message: '보낼 수 없는 메시지입니다.',
         forbidden: '권한이 없습니다.', rate_limited: '너무 빨리 보내고 있습니다. 잠시 후 다시 보내세요.',
@@ -49,6 +59,16 @@
       stop4401: 'Your sign-in has expired. Open your sign-in link again.', stop4403: 'You cannot enter this chat.',
       stop4404: 'This chat does not exist.', joined: '{name} joined', left: '{name} left',
       unread: '{n} unread', rooms: '{n} chats', peerOnline: 'online', yesterday: 'Yesterday',
+      bell: {
+        on: 'Notifications on', off: 'Notifications off', blocked: 'Notifications blocked',
+        unsupported: 'No notifications here', ios: 'Add to Home Screen for alerts', checking: 'Notifications',
+      },
+      bellHelp: {
+        on: 'You get new-message notifications. Tap to turn them off.', off: 'Tap to get new-message notifications.',
+        blocked: 'Notifications for this site are blocked in the browser settings.',
+        unsupported: 'This browser cannot show notifications.',
+        ios: 'On iPhone: Share → "Add to Home Screen", then turn notifications on in the app.', checking: 'Checking notifications',
+      },
       errors: {
         too_long: 'The message is too long.', empty: 'An empty message cannot be sent.', invalid_message: 'This message cannot be sent.',
         forbidden: 'Not allowed.', rate_limited: 'Sending too fast. Wait a moment and retry.',
@@ -720,6 +740,94 @@
       </div>`,
   }
 
+  // --------------------------------------------------- notifications ---
+  // The service worker shows pushes (SPEC 10); the page only registers it and,
+  // from a tap on the bell and never before, asks for permission and subscribes.
+
+  const PUSH_KEY_PATH = '/distributor/push/key'
+  const PUSH_SUBSCRIPTIONS_PATH = '/distributor/push/subscriptions'
+  const workerReady = 'serviceWorker' in navigator
+    ? navigator.serviceWorker.register('/distributor/sw.js', { scope: '/distributor/' }).catch(() => null)
+    : Promise.resolve(null)
+
+  function isIphoneBrowserTab () {
+    return /iPhone|iPad|iPod/.test(navigator.userAgent) && !navigator.standalone &&
+      !window.matchMedia('(display-mode: standalone)').matches
+  }
+
+  function base64UrlBytes (text) {
+    const base64 = text.replace(/-/g, '+').replace(/_/g, '/') + '='.repeat((4 - text.length % 4) % 4)
+    return Uint8Array.from(atob(base64), (char) => char.charCodeAt(0))
+  }
+
+  async function pushState () {
+    if (!('serviceWorker' in navigator) || !('PushManager' in window) || !('Notification' in window)) {
+      return isIphoneBrowserTab() ? 'ios' : 'unsupported'
+    }
+    if (Notification.permission === 'denied') return 'blocked'
+    const registration = await workerReady
+    if (!registration) return 'unsupported'
+    const subscription = await registration.pushManager.getSubscription()
+    return subscription && Notification.permission === 'granted' ? 'on' : 'off'
+  }
+
+  async function sendSubscription (method, body) {
+    return fetch(PUSH_SUBSCRIPTIONS_PATH, {
+      method, credentials: 'same-origin', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(body),
+    })
+  }
+
+  async function turnPushOn () {
+    const permission = await Notification.requestPermission()
+    if (permission !== 'granted') return permission === 'denied' ? 'blocked' : 'off'
+    const registration = await navigator.serviceWorker.ready
+    const { public_key: publicKey } = await (await fetch(PUSH_KEY_PATH)).json()
+    const subscription = await registration.pushManager.subscribe({
+      userVisibleOnly: true, applicationServerKey: base64UrlBytes(publicKey),
+    })
+    const response = await sendSubscription('POST', subscription.toJSON())
+    if (response.ok) return 'on'
+    await subscription.unsubscribe()
+    return 'off'
+  }
+
+  async function turnPushOff () {
+    const registration = await workerReady
+    const subscription = registration && await registration.pushManager.getSubscription()
+    if (subscription) {
+      await sendSubscription('DELETE', { endpoint: subscription.endpoint })
+      await subscription.unsubscribe()
+    }
+    return 'off'
+  }
+
+  const NotificationBell = {
+    setup () {
+      const state = ref('checking')
+      const busy = ref(false)
+      onMounted(async () => { state.value = await pushState() })
+      async function toggle () {
+        if (busy.value || (state.value !== 'on' && state.value !== 'off')) return
+        busy.value = true
+        try {
+          state.value = state.value === 'on' ? await turnPushOff() : await turnPushOn()
+        } catch (error) {
+          state.value = await pushState()
+        } finally {
+          busy.value = false
+        }
+      }
+      return { state, busy, toggle, t }
+    },
+    template: `
+      <button type="button" class="bell" :class="'bell-' + state" :aria-pressed="state === 'on' ? 'true' : 'false'"
+              :aria-disabled="state !== 'on' && state !== 'off' ? 'true' : 'false'" :disabled="busy"
+              :title="t('bellHelp.' + state)" @click="toggle">
+        <span aria-hidden="true">{{ state === 'on' ? '🔔' : '🔕' }}</span>
+        <span class="bell-label">{{ t('bell.' + state) }}</span>
+      </button>`,
+  }
+
   // ------------------------------------------------------- room list ---
 
   const RoomItem = {
@@ -745,7 +853,7 @@
   }
 
   const RoomsApp = {
-    components: { RoomItem },
+    components: { RoomItem, NotificationBell },
     setup () {
       let timer = null
       async function refresh () {
@@ -778,6 +886,7 @@
         <header class="topbar">
           <div class="topbar-main"><h1 class="topbar-title">{{ t('chats') }}</h1></div>
           <span class="topbar-side">{{ boot.name }}</span>
+          <NotificationBell />
           <form method="post" :action="boot.logout_path" @submit="forgetUnsentMessages"><button type="submit" class="chip-button">{{ t('logout') }}</button></form>
         </header>
         <main>
