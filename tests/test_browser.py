@@ -21,7 +21,7 @@ import pytest_asyncio
 from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import Page, async_playwright, expect
 
-from conftest import (USERS, make_settings, make_token, open_room, receive_until, seed_gym, send_chat,
+from conftest import (ROOT, USERS, make_settings, make_token, open_room, receive_until, seed_gym, send_chat,
                       messages_over_http)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -875,3 +875,56 @@ async def test_the_offline_page_shows_when_the_server_is_down(new_context, serve
     assert server.stop() == 0
     await page.goto(f"{server.base_url}/distributor/chat/rooms")
     await expect(page.locator("h1")).to_have_text("오프라인")
+
+
+# ---------------------------------------------------------- accessibility ---
+
+AXE_PATH = ROOT / "tests" / ".axe" / "node_modules" / "axe-core" / "axe.min.js"
+AXE_VERSION = "4.14.1"  # .ci/run installs this one
+AXE_RULES = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"]
+SCREENS = {"phone": {"width": 390, "height": 844}, "desktop": {"width": 1280, "height": 800}}
+
+
+def axe_source() -> str:
+    if not AXE_PATH.exists():
+        message = f"axe-core is missing: run .ci/run (npm install axe-core@{AXE_VERSION})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    source = AXE_PATH.read_text(encoding="utf-8")
+    assert source.startswith(f"/*! axe v{AXE_VERSION}"), source[:40]
+    return source
+
+
+async def axe_violations(page: Page) -> list[dict]:
+    await page.add_script_tag(content=axe_source())
+    result = await page.evaluate("""(tags) => axe.run(document, { runOnly: { type: 'tag', values: tags },
+        resultTypes: ['violations'] })""", AXE_RULES)
+    return [{"id": violation["id"], "impact": violation["impact"],
+             "nodes": [node["target"] for node in violation["nodes"]]} for violation in result["violations"]]
+
+
+@pytest.mark.parametrize("screen", SCREENS, ids=SCREENS)
+async def test_every_page_passes_axe_on_a_phone_and_a_desktop(new_context, server, screen):
+    """SPEC 7: WCAG 2.1 AA and best practice, no violation, on every page."""
+    found = {}
+    # bypass_csp: the pages refuse inline scripts, axe is injected as one.
+    options = {"viewport": SCREENS[screen], "bypass_csp": True}
+    for user_id in ("t1", "m1"):
+        rooms = await open_rooms(new_context, server, user_id, **options)
+        found[f"room list ({user_id})"] = await axe_violations(rooms)
+        chat = await open_chat(new_context, server, user_id, **options)
+        await chat.locator(".composer textarea").fill("안녕하세요")
+        found[f"chat ({user_id})"] = await axe_violations(chat)
+    context = await new_context(**options)
+    page = await context.new_page()
+    await page.goto(f"{server.base_url}/distributor/chat/rooms")
+    found["sign-in needed (401)"] = await axe_violations(page)
+    await page.goto(login_url(server, "m1", "/distributor/chat/rooms"))
+    await page.goto(login_url(server, "m2", "/distributor/chat/rooms"))
+    await expect(page.locator(".confirm-sign-in")).to_be_visible()
+    found["sign in as someone else?"] = await axe_violations(page)
+    await page.goto(f"{server.base_url}/distributor/static/offline.html")
+    found["offline"] = await axe_violations(page)
+    failing = {page_name: violations for page_name, violations in found.items() if violations}
+    assert failing == {}, __import__("json").dumps(failing, ensure_ascii=False, indent=1)

@@ -730,13 +730,15 @@
       <div class="chat-page">
         <ChatHeader :peer="peer" :state="store.connection" :seconds="store.reconnectInS" :reason="store.stopReason"
           @reconnect="reconnectNow" />
-        <MessageList :messages="store.messages" :notices="store.notices" :outbox="store.outbox"
-          :peer-last-read-id="peerLastReadId" :has-older="store.hasOlder" :loading-older="store.loadingOlder"
-          @older="fetchOlder" @retry="retryMessage" @delete="deleteMessage" />
-        <TypingIndicator v-if="peerTyping" :name="peer.name" />
-        <p v-if="store.status === 'ended'" class="room-ended-note">{{ t('roomEnded') }}</p>
-        <Composer v-else :disabled="store.connection === 'stopped'" :can-spread="boot.role === 'trainer'"
-          :max-chars="boot.max_message_chars" @send="onSend" @typing="sendTyping" />
+        <main class="chat-main">
+          <MessageList :messages="store.messages" :notices="store.notices" :outbox="store.outbox"
+            :peer-last-read-id="peerLastReadId" :has-older="store.hasOlder" :loading-older="store.loadingOlder"
+            @older="fetchOlder" @retry="retryMessage" @delete="deleteMessage" />
+          <TypingIndicator v-if="peerTyping" :name="peer.name" />
+          <p v-if="store.status === 'ended'" class="room-ended-note">{{ t('roomEnded') }}</p>
+          <Composer v-else :disabled="store.connection === 'stopped'" :can-spread="boot.role === 'trainer'"
+            :max-chars="boot.max_message_chars" @send="onSend" @typing="sendTyping" />
+        </main>
       </div>`,
   }
 
