@@ -366,6 +366,9 @@ WRITE_QUEUE_MAX = 10_000
 
 COMMIT = "COMMIT"
 ROLLBACK = "ROLLBACK"
+SAVEPOINT_WRITE = "SAVEPOINT one_write"
+ROLLBACK_TO_WRITE = "ROLLBACK TO one_write"
+RELEASE_WRITE = "RELEASE one_write"
 
 # Schema versions live in PRAGMA user_version; 0 is the first released schema.
 # schema.sql is always the whole current schema. An older database is brought
@@ -856,9 +859,17 @@ async def store_revocation(tx: Transaction, params: dict) -> None:
 async def store_subscription(tx: Transaction, params: dict) -> None:
     """A new row for the endpoint (also when it moves to another user), then the
     user's oldest beyond MAX_PUSH_SUBSCRIPTIONS go."""
-    await tx.execute(DELETE_SUBSCRIPTION, params)
-    await tx.execute(INSERT_SUBSCRIPTION, params)
-    await tx.execute(TRIM_SUBSCRIPTIONS, {"user_id": params["user_id"], "keep": MAX_PUSH_SUBSCRIPTIONS})
+    await tx.execute(SAVEPOINT_WRITE)  # three statements: all or none of them
+    try:
+        await tx.execute(DELETE_SUBSCRIPTION, params)
+        await tx.execute(INSERT_SUBSCRIPTION, params)
+        await tx.execute(TRIM_SUBSCRIPTIONS, {"user_id": params["user_id"],
+                                              "keep": MAX_PUSH_SUBSCRIPTIONS})
+    except tx.engine.refused_errors:
+        await tx.execute(ROLLBACK_TO_WRITE)
+        raise
+    finally:
+        await tx.execute(RELEASE_WRITE)
 
 
 async def store_kept_value(tx: Transaction, params: dict) -> None:
@@ -1145,9 +1156,12 @@ class DatabaseReport:
 async def _report(db: aiosqlite.Connection) -> DatabaseReport:
     async def count(sql: str) -> int:
         return (await db.execute_fetchall(sql))[0][0]
+    version = await count(SELECT_SCHEMA_VERSION)
+    if version > SCHEMA_VERSION:  # its tables may not be the ones counted below
+        raise SchemaTooNew(version)
     # Photos arrive with a later schema; until then a database holds none.
-    return DatabaseReport(await count(SELECT_SCHEMA_VERSION), await count(COUNT_USERS),
-                          await count(COUNT_SESSIONS), await count(COUNT_MESSAGES), 0)
+    return DatabaseReport(version, await count(COUNT_USERS), await count(COUNT_SESSIONS),
+                          await count(COUNT_MESSAGES), 0)
 
 
 async def check_database(settings: Settings) -> DatabaseReport:
@@ -1162,21 +1176,26 @@ async def check_database(settings: Settings) -> DatabaseReport:
             problems = [row[0] for row in await db.execute_fetchall(INTEGRITY_CHECK)]
             if problems != ["ok"]:
                 raise StorageUnavailable("the database is damaged: " + "; ".join(problems))
-            report = await _report(db)
+            return await _report(db)
         finally:
             await db.close()
     except engine.unavailable_errors as error:
         raise StorageUnavailable(f"the database is damaged: {error}") from None
-    if report.schema_version > SCHEMA_VERSION:
-        raise SchemaTooNew(report.schema_version)
-    return report
 
 
 async def backup_database(settings: Settings, destination: Path) -> DatabaseReport:
     """A consistent copy of the live data (a running server keeps running): every
     transaction committed before it began. ``destination`` must not exist."""
-    if destination.exists() or destination.is_symlink():
-        raise StorageUnavailable(f"{destination} exists; a backup goes to a new file")
+    if not settings.db_path.is_file():
+        raise StorageUnavailable(f"no database at {settings.db_path}")
+    try:
+        # Made empty and private first (the copy holds the sign-in and push keys);
+        # O_EXCL: a file that appeared meanwhile is never overwritten.
+        os.close(os.open(destination, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        raise StorageUnavailable(f"{destination} exists; a backup goes to a new file") from None
+    except OSError as error:
+        raise StorageUnavailable(f"backup failed: {error.strerror or error}") from None
     engine = SqliteEngine(settings.db_path, settings.tz)
     try:
         db = await engine.connect_plain()
@@ -1653,6 +1672,8 @@ class ChatHub:
         self.sends = RateLimiter("send", rate_limit, rate_limit * RATE_BURST_FACTOR)
         self.opens = RateLimiter("open", OPENS_PER_S, OPEN_AND_READ_BURST)
         self.history_reads = RateLimiter("history_read", HISTORY_READS_PER_S, OPEN_AND_READ_BURST)
+        # Subscribing resolves a name the user chose: as many a second as history reads.
+        self.subscribes = RateLimiter("subscribe", HISTORY_READS_PER_S, OPEN_AND_READ_BURST)
         self.is_closing = False
 
     def all_sockets(self) -> list[ChatSocket]:
@@ -1791,6 +1812,7 @@ PUSH_PREVIEW_CHARS = 100
 PUSH_RECORD_SIZE = 4096
 PUSH_DELIVERIES_AT_ONCE = 32
 PUSH_RESPONSE_READ_MAX = 4096
+PUSH_RESOLVE_TIMEOUT_S = 3.0
 PHOTO_PREVIEW = "📷"
 
 
@@ -1868,15 +1890,41 @@ def encrypt_push(payload: bytes, user_agent_key: bytes, auth_secret: bytes) -> b
             + record)
 
 
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits (NAT64, the
+# old IPv4-compatible form): the IPv4 one is where such a packet ends up.
+IPV4_CARRYING_PREFIXES = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"),
+                          ipaddress.ip_network("::/96"))
+
+
 def is_public_address(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip.sixtofour is not None:
+            ip = ip.sixtofour
+        elif ip.teredo is not None:
+            ip = ip.teredo[1]
+        elif any(ip in prefix for prefix in IPV4_CARRYING_PREFIXES):
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return ip.is_global and not ip.is_multicast
 
 
 class PushAddressError(Exception):
     """A push endpoint the server will not send to."""
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def is_allowed_push_host(host: str, port: int, allowed_hosts: tuple[str, ...]) -> bool:
+    """--push-allow-host HOST admits it on any port; HOST:PORT on that one."""
+    return host.lower() in allowed_hosts or f"{host.lower()}:{port}" in allowed_hosts
 
 
 def endpoint_host(endpoint: str, allowed_hosts: tuple[str, ...]) -> tuple[str, int, bool]:
@@ -1890,7 +1938,7 @@ def endpoint_host(endpoint: str, allowed_hosts: tuple[str, ...]) -> tuple[str, i
     host = (parts.hostname or "").lower()
     if not host or parts.username or parts.password:
         raise PushAddressError("the endpoint has no usable host")
-    is_allowed = f"{host}:{port}" in allowed_hosts or (host in allowed_hosts and parts.port is None)
+    is_allowed = is_allowed_push_host(host, port, allowed_hosts)
     if parts.scheme != "https" and not (is_allowed and parts.scheme == "http"):
         raise PushAddressError("a push endpoint must be https://")
     return host, port, is_allowed
@@ -1903,8 +1951,9 @@ async def check_push_endpoint(endpoint: str, allowed_hosts: tuple[str, ...]) -> 
     if is_allowed:
         return
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
+        async with asyncio.timeout(PUSH_RESOLVE_TIMEOUT_S):  # resolver threads are shared
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError, TimeoutError):
         raise PushAddressError("the endpoint's host does not resolve") from None
     if not infos or not all(is_public_address(info[4][0]) for info in infos):
         raise PushAddressError("the endpoint is not on a public address")
@@ -1920,7 +1969,7 @@ class PublicOnlyResolver(AbstractResolver):
 
     async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list:
         addresses = await self.resolver.resolve(host, port, family)
-        if f"{host.lower()}:{port}" in self.allowed_hosts or host.lower() in self.allowed_hosts:
+        if is_allowed_push_host(host, port, self.allowed_hosts):
             return addresses
         public = [address for address in addresses if is_public_address(address["host"])]
         if not public:
@@ -1960,7 +2009,12 @@ class PushSender:
         self.session: aiohttp.ClientSession | None = None
         self.task: asyncio.Task | None = None
         self.deliveries: set[asyncio.Task] = set()
+        # Posts under way at once. A delivery waiting to retry holds no slot, so
+        # a failing push service never holds up everyone else's pushes.
         self.delivery_slots = asyncio.Semaphore(PUSH_DELIVERIES_AT_ONCE)
+        # Who may have a notification of ours showing (this process's view):
+        # only they get the "read" push that clears it.
+        self.users_notified: set[str] = set()
 
     async def public_key(self) -> str:
         return (await self._vapid()).public_key_b64
@@ -2018,6 +2072,8 @@ class PushSender:
             recipient = row["member_id"] if job.user_id == row["trainer_id"] else row["trainer_id"]
             if self.hub.is_present(job.room_id, recipient):
                 return  # looking at the room already
+        elif job.user_id not in self.users_notified:
+            return  # no notification of ours can be showing: nothing to clear
         else:
             recipient = job.user_id
         subscriptions = await self.storage.push_subscriptions(recipient)
@@ -2028,22 +2084,19 @@ class PushSender:
             payload = {"type": "message", "room_id": job.room_id, "message_id": job.message_id,
                        "sender_name": job.sender_name, "preview": job.preview,
                        "unread_total": unread_total}
-        elif unread_total == 0:
+            self.users_notified.add(recipient)
+        elif unread_total == 0:  # the read brought the total to 0: clear the other devices
             payload = {"type": "read", "unread_total": 0}
+            self.users_notified.discard(recipient)
         else:
             return
         vapid = await self._vapid()
         body = compact_json(payload).encode()
         for row in subscriptions:
-            await self.delivery_slots.acquire()
             delivery = asyncio.create_task(self._deliver(vapid, row["endpoint"], row["p256dh"],
                                                          row["auth"], body, job.room_id))
             self.deliveries.add(delivery)
-            delivery.add_done_callback(self._delivered)
-
-    def _delivered(self, delivery: asyncio.Task) -> None:
-        self.deliveries.discard(delivery)
-        self.delivery_slots.release()
+            delivery.add_done_callback(self.deliveries.discard)
 
     async def _deliver(self, vapid: Vapid, endpoint: str, p256dh: str, auth: str, body: bytes,
                        topic: str) -> None:
@@ -2052,7 +2105,11 @@ class PushSender:
         host = urlsplit(endpoint).hostname  # never the path: it identifies the subscription
         try:
             encrypted = encrypt_push(body, b64url_decode(p256dh), b64url_decode(auth))
-            endpoint_host(endpoint, self.allowed_hosts)
+            _, _, is_allowed = endpoint_host(endpoint, self.allowed_hosts)
+            # A literal address skips the resolver: check it here, every time
+            # (an admission removed since subscribing must count).
+            if not is_allowed and is_ip_literal(host) and not is_public_address(host):
+                raise PushAddressError("the endpoint is not on a public address")
         except (ValueError, PushAddressError) as error:
             self.metrics.push_sent["refused"] += 1
             log_event(logging.WARNING, "push_failed", host=host, reason=str(error))
@@ -2064,8 +2121,9 @@ class PushSender:
         give_up_at = time.monotonic() + PUSH_RETRY_FOR_S
         wait_s = self.retry_first_s
         while True:
-            status = await self._post(endpoint, encrypted, {**headers,
-                                                            "Authorization": vapid.authorization(endpoint)})
+            async with self.delivery_slots:
+                status = await self._post(endpoint, encrypted, {
+                    **headers, "Authorization": vapid.authorization(endpoint)})
             if status is not None and 200 <= status < 300:
                 self.metrics.push_sent["sent"] += 1
                 return
@@ -2477,6 +2535,8 @@ def checked_subscription(body: Any) -> dict:
 
 async def subscribe_handler(request: web.Request) -> web.Response:
     identity = await require_identity(request)
+    if not request.app[HUB].subscribes.allows(identity.user_id):
+        raise ApiError(429, "too many subscriptions a second; try again shortly")
     subscription = checked_subscription(await read_json_body(request))
     try:
         await check_push_endpoint(subscription["endpoint"], request.app[SETTINGS].push_allow_hosts)
@@ -2938,6 +2998,8 @@ async def chat_socket_handler(request: web.Request) -> web.StreamResponse:
         max(0.0, ws.identity.expires_at - time.time()),
         ws.request_stop, CLOSE_UNAUTHORIZED, "token expired; sign in again")
     is_new_presence = hub.add(ws)
+    if hub.is_closing:  # shutdown began while this socket was being prepared
+        ws.request_stop(WSCloseCode.GOING_AWAY, "server shutting down")
     log_event(logging.INFO, "ws_open", room_id=room_id, user_id=ws.identity.user_id,
               sockets=len(hub.room_sockets.get(room_id, ())))
     try:
@@ -3180,8 +3242,9 @@ class GuardedRequestHandler(RequestHandler):
             log_event(logging.ERROR, "unexpected_error", address=self.address, error=repr(exc))
             status = 503
         else:
+            # Only the kind: the parser's message quotes the line, a token or cookie included.
             log_event(logging.DEBUG, "malformed_request", address=self.address, status=status,
-                      reason=message or exc)
+                      reason=type(exc).__name__ if exc is not None else "unparsable")
         if request.writer.output_size > 0:
             raise ConnectionError("the answer had already begun")
         response = web.Response(status=status, text=f"{status} {HTTPStatus(status).phrase}\n",
@@ -3852,7 +3915,6 @@ async def run_server(settings: Settings, demo_users: list, secret: str) -> None:
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signal_number, stop.set)
     await stop.wait()

@@ -1,4 +1,5 @@
--- Distributor Chat schema. Applied on every start; every statement is
+-- Distributor Chat schema: the whole current one, applied to a new database (and
+-- after the upgrade steps to an older one, see SCHEMA_UPGRADES); every statement is
 -- idempotent. Counters that the room list needs (newest message, unread
 -- count) are kept by triggers, so whichever code inserts a message, the
 -- counts stay exact and no query ever scans a room's history.

@@ -1796,6 +1796,7 @@ async def test_no_request_can_forge_a_log_line_or_log_a_traceback(server_process
         "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
         "GET /distributor/healthz HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n",
+        "GET /distributor/login?token=eyJSECRETTOKEN HTTP/1.1\r\nHost: x\r\nCookie: a\x01b=eyJCOOKIE\r\n\r\n",
         "NOT-A-METHOD / HTTP/1.1\r\n\r\n",
         "GET /distributor/healthz HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
         "GET /distributor/healthz HTTP/1.1\r\nHost: x\r\nX-Forged: a\rb\r\n\r\n",
@@ -1812,6 +1813,7 @@ async def test_no_request_can_forge_a_log_line_or_log_a_traceback(server_process
     lines = log.splitlines()
     assert not [line for line in lines if line.startswith("2026-12-01") or "FORGED" in line.split(" ", 4)[0]]
     assert "Traceback" not in log and " ERROR " not in log, log
+    assert "eyJSECRETTOKEN" not in log and "eyJCOOKIE" not in log  # a parser error quotes the line
     assert sum("FORGED" in line for line in lines) >= 2, log  # logged, escaped on one line
     assert any("\\x0a2026-12-01" in line for line in lines), log
     assert not any(char in log for char in "\r\x0b\x0c\x1b")

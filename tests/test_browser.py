@@ -863,6 +863,13 @@ async def test_the_bell_asks_only_on_a_tap_and_turns_push_on_and_off(new_context
     await bell.click()
     await expect(bell).to_have_text(re.compile("Notifications off"))
     await settles_to(subscriptions, [])
+    # On again, then sign out: the tablet's subscription goes with the person.
+    await bell.click()
+    await expect(bell).to_have_text(re.compile("Notifications on"))
+    await settles_to(subscriptions, [("m1", endpoint)])
+    await page.get_by_role("button", name="Sign out").click()
+    await expect(page.locator("h1")).to_have_text("401")
+    await settles_to(subscriptions, [])
 
 
 async def test_the_offline_page_shows_when_the_server_is_down(new_context, server):

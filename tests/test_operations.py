@@ -91,6 +91,7 @@ async def test_a_backup_taken_while_20_clients_send_holds_every_message_acked_be
         stop.set()
         await asyncio.wait_for(asyncio.gather(*clients), 30)
     assert done.returncode == 0, done.stderr
+    assert backup_path.stat().st_mode & 0o777 == 0o600  # it holds the sign-in and push keys
     copied = {row["client_id"]: row["id"] for row in stored_rows(backup_path)}
     assert done.stdout == f"backup {backup_path}: {len(copied)} messages, 0 photos\n"
     missing = {client_id for client_id in acked_before if copied.get(client_id) != acked_before[client_id]}

@@ -282,6 +282,8 @@ async def test_a_push_service_that_never_answers_delays_no_ack(make_client, aioh
     "https://[::1]/push/x", "https://169.254.169.254/latest/meta-data", "https://localhost/push/x",
     "https://192.168.1.20/push", "https://[fe80::1]/push", "https://224.0.0.1/push",
     "https://0.0.0.0/push", "ftp://push.example/x", "https://user:pw@push.example/x",
+    "https://[::ffff:10.0.0.1]/push", "https://[64:ff9b::a00:5]/push", "https://[2002:a00:5::1]/push",
+    "https://[::a00:5]/push",
 ])
 async def test_an_endpoint_inside_the_network_is_refused_at_subscribe(chat, push_service, settings,
                                                                       endpoint):
@@ -382,3 +384,19 @@ async def test_a_spread_to_300_away_members_gives_300_pushes_and_the_ack_does_no
     print(f"\nspread to 302 rooms: trainer's ack {min(without_push_ms):.1f}–{max(without_push_ms):.1f} ms "
           f"without subscriptions, {with_push_ms:.1f} ms with 300; all 300 pushes delivered "
           f"(encrypted, signed, decrypted by the stand-in) in {delivered_s:.2f} s")
+
+
+async def test_a_read_push_goes_only_where_a_notification_may_be_showing(chat, push_service):
+    """SPEC 10: the read push clears other devices; with nothing shown, none is sent
+    (a browser shows something for every push it gets)."""
+    phone = push_service.browser("phone")
+    await subscribe(chat, "m1", phone)
+    trainer, _, _ = await open_room(chat, "pt_1", "t1")
+    member, _, _ = await open_room(chat, "pt_1", "m1")
+    await send_chat(trainer, "while you look", "t-1")
+    seen = await ack_of(trainer, "t-1")
+    await member.send_json({"type": "read", "message_id": seen["id"]})  # 1 -> 0, nothing shown
+    await member.close()
+    await send_chat(trainer, "now you are away", "t-2")
+    [delivery] = await deliveries_to(push_service, "/push/phone", 1)
+    assert delivery.payload["preview"] == "now you are away"  # the first push of all

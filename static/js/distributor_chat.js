@@ -150,7 +150,7 @@
   const outboxKey = `${OUTBOX_KEY_PREFIX}${boot.room_id}:${boot.user_id}`
 
   // Signing out on a shared front-desk tablet leaves no unsent message behind
-  // for the next person to see or send.
+  // for the next person to see or send (and, below, no push subscription).
   function forgetUnsentMessages () {
     try {
       const keys = []
@@ -793,6 +793,14 @@
     return 'off'
   }
 
+  async function keepSubscriptionWithThisUser () {
+    try {
+      const registration = await workerReady
+      const subscription = registration && await registration.pushManager.getSubscription()
+      if (subscription) await sendSubscription('POST', subscription.toJSON())
+    } catch (error) { /* offline: the next visit tries again */ }
+  }
+
   async function turnPushOff () {
     const registration = await workerReady
     const subscription = registration && await registration.pushManager.getSubscription()
@@ -807,7 +815,11 @@
     setup () {
       const state = ref('checking')
       const busy = ref(false)
-      onMounted(async () => { state.value = await pushState() })
+      onMounted(async () => {
+        state.value = await pushState()
+        // This browser's subscription belongs to whoever is signed in here now.
+        if (state.value === 'on') await keepSubscriptionWithThisUser()
+      })
       async function toggle () {
         if (busy.value || (state.value !== 'on' && state.value !== 'off')) return
         busy.value = true
@@ -881,7 +893,17 @@
         document.removeEventListener('visibilitychange', onVisible)
         window.removeEventListener('online', refresh)
       })
-      return { store, boot, t, forgetUnsentMessages }
+      // Sign-out forgets what this browser keeps for the user: unsent messages, and
+      // the push subscription (the next person must not get their notifications).
+      async function signOut (event) {
+        const form = event.target
+        forgetUnsentMessages()
+        try {
+          await Promise.race([turnPushOff(), new Promise((resolve) => setTimeout(resolve, 3000))])
+        } catch (error) { /* signed out all the same */ }
+        form.submit()
+      }
+      return { store, boot, t, signOut }
     },
     template: `
       <div class="rooms-page">
@@ -889,7 +911,7 @@
           <div class="topbar-main"><h1 class="topbar-title">{{ t('chats') }}</h1></div>
           <span class="topbar-side">{{ boot.name }}</span>
           <NotificationBell />
-          <form method="post" :action="boot.logout_path" @submit="forgetUnsentMessages"><button type="submit" class="chip-button">{{ t('logout') }}</button></form>
+          <form method="post" :action="boot.logout_path" @submit.prevent="signOut"><button type="submit" class="chip-button">{{ t('logout') }}</button></form>
         </header>
         <main>
           <ul v-if="store.rooms.length" class="room-list" :aria-label="t('rooms', { n: store.rooms.length })">
