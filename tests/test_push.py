@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 import distributor_chat as dc
-from conftest import ack_of, auth, change_storage, open_room, seed_gym, send_chat, wait_until
+from conftest import ack_of, auth, open_room, seed_gym, send_chat, wait_until
 
 KEY_PATH = "/distributor/push/key"
 SUBSCRIPTIONS = "/distributor/push/subscriptions"
@@ -348,16 +348,7 @@ async def test_a_spread_to_300_away_members_gives_300_pushes_and_the_ack_does_no
     client = await make_client(push_allow_hosts=(f"127.0.0.1:{push_service.server.port}",),
                                rate_limit=0)
 
-    async def add_members(tx) -> None:
-        now = dc.utc_now_iso()
-        for user_id, name, role in members:
-            await tx.execute(dc.INSERT_USER, {"user_id": user_id, "name": name, "role": role,
-                                              "created_at": now})
-        for session_id, trainer_id, member_id in sessions:
-            await tx.execute(dc.INSERT_SESSION_WITH_ID, {"session_id": session_id,
-                                                         "trainer_id": trainer_id,
-                                                         "member_id": member_id, "created_at": now})
-    change_storage(client.server.app[dc.SETTINGS], add_members)
+    seed_gym(client.server.app[dc.SETTINGS], users=members, sessions=sessions)
     push_service.server_public_key = (await (await client.get(KEY_PATH)).json())["public_key"]
     trainer, _, _ = await open_room(client, "pt_1", "t1")
 
