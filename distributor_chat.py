@@ -1983,7 +1983,7 @@ class PublicOnlyResolver(AbstractResolver):
 @dataclass(slots=True)
 class PushJob:
     kind: str  # "message": a stored message for its room's other person; "read": unread back to 0
-    user_id: str
+    user_id: str  # "message": its sender (the push goes to the other person); "read": the reader
     room_id: str = ""
     session_id: int = 0
     message_id: int = 0
@@ -3921,7 +3921,9 @@ async def run_server(settings: Settings, demo_users: list, secret: str) -> None:
     log_event(logging.INFO, "server_stop")
     listener.close()  # stop accepting
     # Sockets first: the runner's cleanup starts by making aiohttp drop what
-    # every connection receives, clients' answers to our 1001 included.
+    # every connection receives, clients' answers to our 1001 included. (Its
+    # on_shutdown runs close_all_sockets again, for servers started otherwise,
+    # such as tests': by then there is nothing left to close.)
     await close_all_sockets(runner.app)
     await runner.cleanup()
 
