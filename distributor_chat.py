@@ -5,8 +5,8 @@ Personal trainers chat 1:1 with their PT members, one room per PT session
 Live over WebSocket, stored in SQLite, signed in with JWTs.
 
 Sections, top to bottom (``grep -n '# ===' distributor_chat.py``):
-settings, metrics, storage, auth, frames, chat hub, push, HTTP, WebSocket, app,
-connections, CLI.
+settings, metrics, storage, auth, frames, chat hub, photos, push, HTTP, WebSocket,
+app, connections, CLI.
 """
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import asyncio
 import base64
 import bisect
 import collections
+import concurrent.futures
 import contextlib
 import csv
 import dataclasses
+import functools
 import gc
 import hashlib
 import hmac
@@ -36,6 +38,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -170,6 +173,9 @@ class Settings:
     push_allow_hosts: tuple[str, ...] = ()
     push_preview: bool = True
     push_retry_first_s: float = PUSH_RETRY_FIRST_S_DEFAULT  # tests shorten it
+    max_photo_mb: int = 10
+    photo_unsent_keep_s: float = 86_400.0  # tests shorten these two
+    photo_cleanup_interval_s: float = 3_600.0
     ping_interval_s: float = PING_INTERVAL_S  # also how soon a dead peer is dropped
     log_level: str = "info"
     demo: bool = True
@@ -193,7 +199,13 @@ def compact_json(value: Any) -> str:
 
 
 def utc_now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return utc_iso_at(time.time())
+
+
+def utc_iso_at(timestamp: float) -> str:
+    """A moment as stored times are written: ISO 8601 UTC, milliseconds, 'Z'."""
+    moment = datetime.fromtimestamp(timestamp, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # Line breaks and other control characters (C0, DEL, C1, Unicode's line and
@@ -374,10 +386,11 @@ RELEASE_WRITE = "RELEASE one_write"
 # schema.sql is always the whole current schema. An older database is brought
 # up to it in one transaction at start: the steps below (what schema.sql's
 # CREATE ... IF NOT EXISTS cannot do, such as a new column), then schema.sql.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA_UPGRADES: dict[int, tuple[str, ...]] = {
     1: (),  # revoked_tokens: a new table only
     2: (),  # push_subscriptions: a new table only
+    3: ("ALTER TABLE messages ADD COLUMN photo_id TEXT REFERENCES photos (id)",),  # and photos
 }
 SELECT_SCHEMA_VERSION = "PRAGMA user_version"
 HAS_USERS_TABLE = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'users'"
@@ -385,6 +398,8 @@ INTEGRITY_CHECK = "PRAGMA integrity_check(20)"
 BACKUP_INTO = "VACUUM INTO :path"
 COUNT_SESSIONS = "SELECT count(*) FROM pt_sessions"
 COUNT_MESSAGES = "SELECT count(*) FROM messages"
+COUNT_PHOTOS = "SELECT count(*) FROM photos"
+HAS_PHOTOS_TABLE = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'photos'"
 
 # A value made once and kept (the JWT secret, the VAPID key): the first one stays.
 SELECT_KEPT_VALUE = "SELECT value FROM meta WHERE key = :key"
@@ -467,11 +482,16 @@ SELECT_PARTICIPANTS = """
      ORDER BY u.role = 'member'
 """
 
-_MESSAGE_COLUMNS = """
-    SELECT m.id, m.session_id, m.user_id, u.name AS sender_name, m.type, m.content,
-           m.client_id, m.created_at
-      FROM messages m JOIN users u ON u.id = m.user_id
+# A message row as every reader of messages gets it: its photo's size comes
+# from the photos row (never its images, which lie past these columns).
+MESSAGE_COLUMNS = """
+    m.id, m.session_id, m.user_id, u.name AS sender_name, m.type, m.content, m.client_id,
+    m.created_at, m.photo_id, p.width AS photo_width, p.height AS photo_height
 """
+MESSAGE_JOINS = """
+    JOIN users u ON u.id = m.user_id LEFT JOIN photos p ON p.id = m.photo_id
+"""
+_MESSAGE_COLUMNS = f"SELECT {MESSAGE_COLUMNS} FROM messages m {MESSAGE_JOINS}"
 SELECT_MESSAGES_LATEST = _MESSAGE_COLUMNS + """
      WHERE m.session_id = :session_id ORDER BY m.id DESC LIMIT :limit
 """
@@ -505,6 +525,29 @@ COUNT_SPREAD_ROOMS = """
 """
 # Never moves back; an id past the room's last counts as the last. The unread
 # recount walks only the messages after the new pointer (usually none).
+# Photos (SPEC 9). A photo is served to its room's participants only; to anyone
+# else it does not exist.
+INSERT_PHOTO = """
+    INSERT INTO photos (id, session_id, user_id, media_type, width, height, created_at,
+                        thumb, image)
+    VALUES (:photo_id, :session_id, :user_id, :media_type, :width, :height, :created_at,
+            :thumb, :image)
+"""
+SELECT_PHOTO = """
+    SELECT id, session_id, user_id, width, height FROM photos WHERE id = :photo_id
+"""
+_PHOTO_FOR_VIEWER = """
+    SELECT p.media_type, p.{column} FROM photos p JOIN pt_sessions s ON s.id = p.session_id
+     WHERE p.id = :photo_id AND :user_id IN (s.trainer_id, s.member_id)
+"""
+SELECT_PHOTO_IMAGE = _PHOTO_FOR_VIEWER.format(column="image")
+SELECT_PHOTO_THUMB = _PHOTO_FOR_VIEWER.format(column="thumb")
+DELETE_UNSENT_PHOTOS = """
+    DELETE FROM photos
+     WHERE created_at < :cutoff
+       AND NOT EXISTS (SELECT 1 FROM messages WHERE messages.photo_id = photos.id)
+"""
+
 UPDATE_READ_POINTER = """
     WITH target AS (
         SELECT min(:message_id, coalesce(last_message_id, 0)) AS read_id
@@ -541,6 +584,10 @@ class RoomClosed(Exception):
 
 class NotParticipant(Exception):
     """A management change moved the sender out of the room a moment ago."""
+
+
+class PhotoNotSendable(Exception):
+    """The photo is not the sender's upload in this room, or was sent already."""
 
 
 @dataclass(slots=True)
@@ -606,7 +653,8 @@ class SqliteEngine:
     _ROOM_LIST_JSON = """
         SELECT json_object('id', 'pt_' || s.id, 'member_name', m.name, 'trainer_name', t.name,
                            'last_activity', local_minute(coalesce(last.created_at, s.created_at)),
-                           'last_message', last.content,
+                           'last_message', CASE WHEN last.content = '' AND last.photo_id IS NOT NULL
+                                                THEN :photo_preview ELSE last.content END,
                            'unread_count', coalesce(r.unread_count, 0),
                            'status', s.status) AS room_json
           FROM pt_sessions s
@@ -624,26 +672,24 @@ class SqliteEngine:
     # `sized` measures the content nearest the client first; the rows go up to
     # the first one whose running total reaches :max_bytes, so the caller sees
     # that more lie beyond.
-    SELECT_HISTORY_AFTER = """
+    SELECT_HISTORY_AFTER = f"""
         WITH sized AS (
             SELECT id, sum(length(CAST(content AS BLOB))) OVER (ORDER BY id) AS bytes_through
               FROM messages WHERE session_id = :session_id AND id > :after_id
              ORDER BY id LIMIT :limit)
-        SELECT m.id, m.session_id, m.user_id, u.name AS sender_name, m.type, m.content,
-               m.client_id, m.created_at, sized.bytes_through
-          FROM sized JOIN messages m ON m.id = sized.id JOIN users u ON u.id = m.user_id
+        SELECT {MESSAGE_COLUMNS}, sized.bytes_through
+          FROM sized JOIN messages m ON m.id = sized.id {MESSAGE_JOINS}
          WHERE sized.id <= coalesce((SELECT min(id) FROM sized WHERE bytes_through >= :max_bytes),
                                     sized.id)
          ORDER BY m.id
     """
-    SELECT_HISTORY_LATEST = """
+    SELECT_HISTORY_LATEST = f"""
         WITH sized AS (
             SELECT id, sum(length(CAST(content AS BLOB))) OVER (ORDER BY id DESC) AS bytes_through
               FROM messages WHERE session_id = :session_id
              ORDER BY id DESC LIMIT :limit)
-        SELECT m.id, m.session_id, m.user_id, u.name AS sender_name, m.type, m.content,
-               m.client_id, m.created_at, sized.bytes_through
-          FROM sized JOIN messages m ON m.id = sized.id JOIN users u ON u.id = m.user_id
+        SELECT {MESSAGE_COLUMNS}, sized.bytes_through
+          FROM sized JOIN messages m ON m.id = sized.id {MESSAGE_JOINS}
          WHERE sized.id >= coalesce((SELECT max(id) FROM sized WHERE bytes_through >= :max_bytes),
                                     sized.id)
          ORDER BY m.id DESC
@@ -651,20 +697,27 @@ class SqliteEngine:
 
     # A whole batch of chats in one statement (one trip to the writer's thread):
     # :batch is a JSON array of {session_id, user_id, content, client_id,
-    # created_at}. Rows whose room is closed or not the sender's, and resent
-    # client_ids, are skipped; ids follow the array's order.
+    # created_at, photo_id}. Rows whose room is closed or not the sender's,
+    # whose photo is not the sender's upload in that room, resent client_ids and
+    # photos sent already (any unique conflict) are skipped; ids follow the
+    # array's order.
     INSERT_CHAT_MESSAGES = """
-        INSERT INTO messages (session_id, user_id, type, content, client_id, created_at)
+        INSERT INTO messages (session_id, user_id, type, content, client_id, created_at, photo_id)
         SELECT json_extract(chat.value, '$.session_id'), json_extract(chat.value, '$.user_id'), 'chat',
                json_extract(chat.value, '$.content'), json_extract(chat.value, '$.client_id'),
-               json_extract(chat.value, '$.created_at')
+               json_extract(chat.value, '$.created_at'), json_extract(chat.value, '$.photo_id')
           FROM json_each(:batch) AS chat
          WHERE EXISTS (SELECT 1 FROM pt_sessions AS room
                         WHERE room.id = json_extract(chat.value, '$.session_id')
                           AND room.status = 'active'
                           AND json_extract(chat.value, '$.user_id') IN (room.trainer_id, room.member_id))
+           AND (json_extract(chat.value, '$.photo_id') IS NULL
+                OR EXISTS (SELECT 1 FROM photos
+                            WHERE photos.id = json_extract(chat.value, '$.photo_id')
+                              AND photos.session_id = json_extract(chat.value, '$.session_id')
+                              AND photos.user_id = json_extract(chat.value, '$.user_id')))
          ORDER BY chat.key
-        ON CONFLICT (session_id, user_id, client_id) DO NOTHING
+        ON CONFLICT DO NOTHING
         RETURNING id, session_id, user_id, client_id
     """
 
@@ -780,7 +833,7 @@ async def _outcome(tx: Transaction, store: Awaitable) -> Outcome:
     one leaves nothing behind."""
     try:
         return True, await store
-    except (RoomClosed, NotParticipant) as error:
+    except (RoomClosed, NotParticipant, PhotoNotSendable) as error:
         return False, error
     except tx.engine.refused_errors as error:
         log_event(logging.WARNING, "write_refused", error=error)
@@ -815,7 +868,8 @@ async def _resent_or_refused(tx: Transaction, params: dict) -> StoredMessage:
     earlier = await tx.fetch_all(SELECT_MESSAGE_BY_CLIENT_ID, params)
     if earlier:
         return StoredMessage(earlier[0][0], earlier[0][1], is_duplicate=True)
-    raise await _refusal(tx, params) or RoomClosed()
+    # The room takes messages, so the photo was what the insert skipped it for.
+    raise await _refusal(tx, params) or PhotoNotSendable()
 
 
 async def _refusal(tx: Transaction, params: dict) -> Exception | None:
@@ -872,6 +926,15 @@ async def store_subscription(tx: Transaction, params: dict) -> None:
         await tx.execute(RELEASE_WRITE)
 
 
+async def store_photo(tx: Transaction, params: dict) -> None:
+    await tx.execute(INSERT_PHOTO, params)
+
+
+async def store_photo_cleanup(tx: Transaction, params: dict) -> int:
+    """Delete the photos uploaded before ``cutoff`` and never sent; how many went."""
+    return await tx.execute(DELETE_UNSENT_PHOTOS, params)
+
+
 async def store_kept_value(tx: Transaction, params: dict) -> None:
     await tx.execute(INSERT_KEPT_VALUE, params)
 
@@ -888,6 +951,8 @@ store_revocations = one_by_one(store_revocation)
 store_subscriptions = one_by_one(store_subscription)
 store_unsubscriptions = one_by_one(store_unsubscription)
 store_kept_values = one_by_one(store_kept_value)
+store_photos = one_by_one(store_photo)
+store_photo_cleanups = one_by_one(store_photo_cleanup)
 
 
 @dataclass(slots=True)
@@ -1059,7 +1124,7 @@ class Storage:
         """The user's rooms, newest activity first, as a JSON array."""
         query = self.engine.SELECT_ROOMS_OF_TRAINER if is_trainer \
             else self.engine.SELECT_ROOMS_OF_MEMBER
-        rows = await self._read(query, {"user_id": user_id})
+        rows = await self._read(query, {"user_id": user_id, "photo_preview": PHOTO_PREVIEW})
         return "[" + ",".join(row[0] for row in rows) + "]"
 
     async def messages(self, session_id: int, *, before_id: int | None = None,
@@ -1119,6 +1184,17 @@ class Storage:
             yield tx
             await tx.execute(BUMP_ADMIN_VERSION)
 
+    async def photo(self, photo_id: str) -> Any:
+        """A photo's owner, room and size (never its images)."""
+        return await self._read_one(SELECT_PHOTO, {"photo_id": photo_id})
+
+    async def photo_for_viewer(self, photo_id: str, user_id: str, *,
+                               is_thumb: bool) -> tuple[str, bytes] | None:
+        """(media type, bytes) of a photo or its thumbnail, if ``user_id`` is in its room."""
+        row = await self._read_one(SELECT_PHOTO_THUMB if is_thumb else SELECT_PHOTO_IMAGE,
+                                   {"photo_id": photo_id, "user_id": user_id})
+        return (row[0], row[1]) if row else None
+
     async def push_subscriptions(self, user_id: str) -> list:
         return await self._read(SELECT_SUBSCRIPTIONS, {"user_id": user_id})
 
@@ -1159,9 +1235,10 @@ async def _report(db: aiosqlite.Connection) -> DatabaseReport:
     version = await count(SELECT_SCHEMA_VERSION)
     if version > SCHEMA_VERSION:  # its tables may not be the ones counted below
         raise SchemaTooNew(version)
-    # Photos arrive with a later schema; until then a database holds none.
+    # A database from before photos (check and backup never upgrade) holds none.
+    photo_count = await count(COUNT_PHOTOS) if await count(HAS_PHOTOS_TABLE) else 0
     return DatabaseReport(version, await count(COUNT_USERS), await count(COUNT_SESSIONS),
-                          await count(COUNT_MESSAGES), 0)
+                          await count(COUNT_MESSAGES), photo_count)
 
 
 async def check_database(settings: Settings) -> DatabaseReport:
@@ -1361,18 +1438,27 @@ def wire_frame(frame: dict) -> bytes:
 
 
 def message_frame(*, message_type: str, message_id: int, session_id: int, user_id: str,
-                  sender_name: str, content: str, created_at: str, client_id: str) -> dict:
+                  sender_name: str, content: str, created_at: str, client_id: str,
+                  photo: dict | None = None) -> dict:
     """A stored message, live and in history and the messages API alike."""
     return {"type": message_type, "id": message_id, "room_id": room_id_of(session_id),
             "user_id": user_id, "sender_name": sender_name, "content": content,
-            "created_at": created_at, "client_id": client_id}
+            "created_at": created_at, "client_id": client_id, "photo": photo}
+
+
+def photo_field(photo_id: str, width: int, height: int) -> dict:
+    """A message's "photo": what a client needs to lay it out before it loads."""
+    return {"id": photo_id, "width": width, "height": height}
 
 
 def message_from_row(row: Any) -> dict:
+    photo_id = row["photo_id"]
     return message_frame(message_type=row["type"], message_id=row["id"],
                          session_id=row["session_id"], user_id=row["user_id"],
                          sender_name=row["sender_name"], content=row["content"],
-                         created_at=row["created_at"], client_id=row["client_id"])
+                         created_at=row["created_at"], client_id=row["client_id"],
+                         photo=None if photo_id is None
+                         else photo_field(photo_id, row["photo_width"], row["photo_height"]))
 
 
 def welcome_frame(room: Room, identity: Identity, participants: list[dict]) -> dict:
@@ -1794,6 +1880,237 @@ async def watch_admin_changes(storage: Storage, hub: ChatHub) -> None:
         await asyncio.sleep(ADMIN_POLL_INTERVAL_S)
 
 
+# ============================================================ photos ===
+#
+# Every upload is treated as an attack until it has been decoded and encoded
+# afresh (SPEC 9). Only Pillow's decoders for the four formats we name ever see
+# the bytes; the pixel count is read from the header and refused before any
+# decoding; what is kept is a new encoding of the pixels alone (no EXIF, GPS,
+# comment, XMP or colour profile survives). Decoding runs on a small pool of
+# threads, since Pillow lets go of the GIL while it decodes, scales and
+# encodes, and those threads run at the lowest CPU priority and leave a core
+# to the event loop: a 40-megapixel upload never holds up anyone's chat. Pillow
+# is imported on first use, so a gym that sends no photos never loads it.
+
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+PHOTO_MAX_PIXELS = 40_000_000
+PHOTO_MAX_SIDE = 2048
+THUMB_MAX_SIDE = 480
+PHOTO_JPEG_QUALITY = 85
+THUMB_JPEG_QUALITY = 80
+# One core always stays with the event loop: on the usual 2-core box, one thread.
+PHOTO_DECODE_THREADS = min(4, max(1, (os.cpu_count() or 2) - 1))
+PHOTO_THREAD_NICENESS = 19
+PHOTO_UPLOADS_PER_USER = 2  # at once; a third waits for one of them (429)
+PHOTO_UPLOADS_AT_ONCE = 16  # in the server: each holds up to --max-photo-mb in memory
+PHOTO_READ_CHUNK = 64 * 1024
+PHOTO_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}")
+PHOTO_PREVIEW = "📷"  # a photo without a caption, in the room list and in a push
+PHOTO_UNSENT_KEEP_S = 86_400.0
+PHOTO_CLEANUP_INTERVAL_S = 3_600.0
+# A photo never changes under its id, and only its room's participants get it.
+PHOTO_CACHE_CONTROL = "private, max-age=31536000, immutable"
+MIB = 1024 * 1024
+M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number
+MALLOC_MMAP_THRESHOLD_BYTES = 1 * MIB
+
+
+def new_photo_id() -> str:
+    return secrets.token_urlsafe(16)  # 128 random bits: 22 characters
+
+
+class PhotoRefused(Exception):
+    """An upload not taken, with the HTTP status and code SPEC 9 gives it."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+NOT_AN_IMAGE = PhotoRefused(415, "unsupported_media",
+                            "that file is not a JPEG, PNG, WebP or GIF image (or it is damaged)")
+TOO_MANY_PIXELS = PhotoRefused(400, "bad_image", "that image has more than 40 megapixels")
+
+
+@dataclass(frozen=True, slots=True)
+class ReencodedPhoto:
+    media_type: str
+    width: int
+    height: int
+    image: bytes
+    thumb: bytes
+
+
+@functools.cache
+def _pillow():
+    """Pillow, imported once and set up for hostile files: its pixel limit is
+    ours, and the 'decompression bomb' warning it gives under twice that limit
+    is an error like the one above it."""
+    import warnings
+    from PIL import Image, ImageCms, ImageOps
+    Image.MAX_IMAGE_PIXELS = PHOTO_MAX_PIXELS
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+    _return_large_blocks_at_once()
+    return Image, ImageCms, ImageOps
+
+
+@functools.cache
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def _return_large_blocks_at_once() -> None:
+    """glibc keeps what a freed buffer of many MiB took (its mmap threshold
+    rises to the size of the largest one freed), so each upload and decoded
+    image would leave the server that much bigger. A fixed threshold gives
+    every large block back to the system when it is freed."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)
+
+
+def _trim_heap() -> None:
+    """Give back what a decode left free in the worker threads' malloc arenas."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def reencode_photo(data: bytes | bytearray) -> ReencodedPhoto:
+    """The upload decoded, turned upright, scaled and encoded afresh, with its
+    thumbnail; PhotoRefused when it is no image of ours. Runs in a worker thread."""
+    Image, _, ImageOps = _pillow()
+    try:
+        with Image.open(io.BytesIO(data), formats=PHOTO_FORMATS) as source:
+            if source.width * source.height > PHOTO_MAX_PIXELS:
+                raise TOO_MANY_PIXELS
+            if source.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 when that still covers the size kept
+                source.draft("RGB", _covering_box(source.size, PHOTO_MAX_SIDE))
+            source.load()  # a GIF's or an animated WebP's first frame
+            upright = ImageOps.exif_transpose(source)
+            picture = upright.convert("RGBA" if _has_alpha(upright) else "RGB")
+            icc_profile = upright.info.get("icc_profile")
+    except PhotoRefused:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise TOO_MANY_PIXELS from None
+    except Exception:  # whatever a damaged or hostile file makes a decoder raise
+        raise NOT_AN_IMAGE from None
+    picture.thumbnail((PHOTO_MAX_SIDE, PHOTO_MAX_SIDE), Image.Resampling.LANCZOS)
+    if icc_profile:
+        picture = _in_srgb(picture, icc_profile)
+    thumb = picture.copy()
+    thumb.thumbnail((THUMB_MAX_SIDE, THUMB_MAX_SIDE), Image.Resampling.LANCZOS)
+    media_type = "image/png" if picture.mode == "RGBA" else "image/jpeg"
+    return ReencodedPhoto(media_type, picture.width, picture.height,
+                          _encoded(picture, PHOTO_JPEG_QUALITY), _encoded(thumb, THUMB_JPEG_QUALITY))
+
+
+def _covering_box(size: tuple[int, int], long_side: int) -> tuple[int, int]:
+    """The smallest box of the image's shape whose long side is ``long_side``."""
+    width, height = size
+    scale = long_side / max(width, height, 1)
+    return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
+
+
+def _has_alpha(picture: Any) -> bool:
+    return picture.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in picture.info
+
+
+def _in_srgb(picture: Any, icc_profile: bytes) -> Any:
+    """The pixels in sRGB (a phone's Display P3 photo keeps its colours once its
+    profile is gone); as they are when the profile cannot be read."""
+    _, ImageCms, _ = _pillow()
+    try:
+        source_profile = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+        return ImageCms.profileToProfile(picture, source_profile, ImageCms.createProfile("sRGB"),
+                                         outputMode=picture.mode)
+    except Exception:  # a broken or unusual profile
+        return picture
+
+
+def _encoded(picture: Any, jpeg_quality: int) -> bytes:
+    picture.info.clear()  # Pillow writes a kept JPEG comment or PNG profile back out
+    out = io.BytesIO()
+    if picture.mode == "RGBA":
+        picture.save(out, "PNG")
+    else:
+        picture.save(out, "JPEG", quality=jpeg_quality)
+    return out.getvalue()
+
+
+def _yield_to_chat() -> None:
+    """A decoding thread runs at the lowest CPU priority: when the cores are
+    busy, the event loop (every chat's ack) and the writer go first. On Linux a
+    thread has a priority of its own."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PHOTO_THREAD_NICENESS)
+
+
+def _reencode_and_trim(data: bytes | bytearray) -> ReencodedPhoto:
+    try:
+        return reencode_photo(data)
+    finally:
+        _trim_heap()
+
+
+class PhotoDesk:
+    """Uploads in progress, bounded per user and in all, and the threads that
+    decode them (started with the first photo)."""
+
+    def __init__(self) -> None:
+        self.executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.uploads_by_user: collections.Counter = collections.Counter()
+
+    @contextlib.contextmanager
+    def upload_slot(self, user_id: str):
+        if self.uploads_by_user[user_id] >= PHOTO_UPLOADS_PER_USER:
+            raise PhotoRefused(429, "rate_limited",
+                               f"at most {PHOTO_UPLOADS_PER_USER} photos upload at once; wait for one")
+        if self.uploads_by_user.total() >= PHOTO_UPLOADS_AT_ONCE:
+            raise PhotoRefused(503, "unavailable", "busy with other photos; try again shortly")
+        self.uploads_by_user[user_id] += 1
+        try:
+            yield
+        finally:
+            self.uploads_by_user[user_id] -= 1
+            if not self.uploads_by_user[user_id]:
+                del self.uploads_by_user[user_id]
+
+    async def reencode(self, data: bytes | bytearray) -> ReencodedPhoto:
+        if self.executor is None:
+            self.executor = concurrent.futures.ThreadPoolExecutor(
+                PHOTO_DECODE_THREADS, thread_name_prefix="photo", initializer=_yield_to_chat)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, _reencode_and_trim, data)
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+async def remove_unsent_photos(storage: Storage, keep_s: float, interval_s: float) -> None:
+    """Every ``interval_s``: photos uploaded more than ``keep_s`` ago and never
+    sent are deleted (so one is gone within keep_s + interval_s)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        cutoff = utc_iso_at(time.time() - keep_s)
+        try:
+            removed = await storage.submit(store_photo_cleanups, {"cutoff": cutoff})
+        except StorageUnavailable as error:
+            log_event(logging.WARNING, "storage_error", task="photo cleanup", error=error)
+        else:
+            if removed:
+                log_event(logging.INFO, "unsent_photos_removed", count=removed)
+
+
 # ============================================================== push ===
 #
 # Web Push (RFC 8030) to members who are not looking: the payload encrypted
@@ -1813,7 +2130,6 @@ PUSH_RECORD_SIZE = 4096
 PUSH_DELIVERIES_AT_ONCE = 32
 PUSH_RESPONSE_READ_MAX = 4096
 PUSH_RESOLVE_TIMEOUT_S = 3.0
-PHOTO_PREVIEW = "📷"
 
 
 def b64url(data: bytes) -> str:
@@ -2172,9 +2488,12 @@ METRICS = web.AppKey("METRICS", Metrics)
 PUSH = web.AppKey("PUSH", PushSender)
 STORAGE = web.AppKey("STORAGE", Storage)
 HUB = web.AppKey("HUB", ChatHub)
+PHOTOS = web.AppKey("PHOTOS", PhotoDesk)
+PHOTO_UPLOAD_ROUTE = "photo_upload"  # its body is a photo: not held to MAX_BODY_BYTES
 
 ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 413: "too_large", 429: "rate_limited",
+               405: "method_not_allowed", 413: "too_large", 415: "unsupported_media",
+               429: "rate_limited",
                431: "headers_too_large", 503: "unavailable"}
 
 
@@ -2222,10 +2541,12 @@ async def forwarded_middleware(request: web.Request, handler) -> web.StreamRespo
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+    is_photo_upload = request.match_info.route.name == PHOTO_UPLOAD_ROUTE  # reads its own body
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES \
+            and not is_photo_upload:
         return error_response(request, 413, "too_large", "the request body is over 64 KiB")
     try:
-        if request.can_read_body and request.content_length is None:
+        if request.can_read_body and request.content_length is None and not is_photo_upload:
             await request.read()  # a chunked body: client_max_size answers 413 past 64 KiB
         return await handler(request)
     except ApiError as error:
@@ -2274,7 +2595,7 @@ async def add_security_headers(request: web.Request, response: web.StreamRespons
         response.headers.setdefault(
             "Content-Security-Policy",
             "default-src 'self'; script-src 'self' 'unsafe-eval'; style-src 'self'; "
-            f"img-src 'self' data:; connect-src {connect_sources(request)}; "
+            f"img-src 'self' data: blob:; connect-src {connect_sources(request)}; "
             "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 
 
@@ -2378,6 +2699,80 @@ async def messages_handler(request: web.Request) -> web.Response:
                                                          after_id=after_id, limit=limit)
     return web.json_response({"messages": [message_from_row(row) for row in rows],
                               "has_more": has_more}, dumps=compact_json)
+
+
+async def photo_upload_handler(request: web.Request) -> web.Response:
+    """SPEC 9: one photo, decoded and stored (durable) before the 201."""
+    settings, storage = request.app[SETTINGS], request.app[STORAGE]
+    if not origin_allowed(request, settings):
+        raise ApiError(403, "this origin may not upload here")
+    identity = await require_identity(request)
+    room = await require_room(request, identity, request.match_info["room_id"])
+    if room.status != "active":
+        raise ApiError(403, "this session has ended; the room is read-only", "room_closed")
+    try:
+        with request.app[PHOTOS].upload_slot(identity.user_id):
+            data = await read_photo_upload(request, settings.max_photo_mb * MIB)
+            photo = await request.app[PHOTOS].reencode(data)
+    except PhotoRefused as refusal:
+        log_event(logging.INFO, "photo_refused", room_id=room.room_id, user_id=identity.user_id,
+                  status=refusal.status, reason=refusal.message)
+        raise ApiError(refusal.status, refusal.message, refusal.code) from None
+    photo_id = new_photo_id()
+    await storage.submit(store_photos, {
+        "photo_id": photo_id, "session_id": room.session_id, "user_id": identity.user_id,
+        "media_type": photo.media_type, "width": photo.width, "height": photo.height,
+        "created_at": utc_now_iso(), "thumb": photo.thumb, "image": photo.image})
+    return web.json_response({"photo_id": photo_id, "width": photo.width, "height": photo.height},
+                             status=201)
+
+
+async def read_photo_upload(request: web.Request, max_bytes: int) -> bytearray:
+    """The multipart body's `photo` field, read as it arrives and refused the
+    moment the body passes ``max_bytes``, so no more than that is ever held.
+    Its filename and Content-Type are not looked at: the decoder decides."""
+    too_large = PhotoRefused(413, "too_large", f"a photo upload is at most {max_bytes // MIB} MiB")
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise too_large
+    if request.content_type != "multipart/form-data":
+        raise ApiError(400, "send the photo as multipart/form-data, in a file field named photo")
+    photo: bytearray | None = None
+    received = 0
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, aiohttp.BodyPartReader):
+                raise ApiError(400, "a nested multipart body is not a photo")
+            kept = bytearray() if part.name == "photo" and photo is None else None
+            while chunk := await part.read_chunk(PHOTO_READ_CHUNK):
+                received += len(chunk)
+                if received > max_bytes:
+                    raise too_large
+                if kept is not None:
+                    kept += chunk
+            if kept is not None:
+                photo = kept
+    except (ValueError, RuntimeError, LookupError, AssertionError):  # a malformed body
+        raise ApiError(400, "the body is not multipart/form-data as sent by a browser") from None
+    if photo is None:
+        raise ApiError(400, "the form has no file field named photo")
+    return photo
+
+
+async def photo_handler(request: web.Request) -> web.Response:
+    """A photo or its thumbnail, for its room's participants. To anyone else it
+    is the same 404 as an id that never existed."""
+    identity = await require_identity(request)
+    photo_id = request.match_info["photo_id"]
+    found = None
+    if PHOTO_ID_PATTERN.fullmatch(photo_id):
+        found = await request.app[STORAGE].photo_for_viewer(
+            photo_id, identity.user_id, is_thumb=request.path.endswith("/thumb"))
+    if found is None:
+        raise ApiError(404, "no such photo")
+    media_type, body = found
+    return web.Response(body=body, content_type=media_type,
+                        headers={"Cache-Control": PHOTO_CACHE_CONTROL})
 
 
 async def chat_page_handler(request: web.Request) -> web.Response:
@@ -2756,18 +3151,44 @@ def checked_client_id(frame: dict) -> str:
     return client_id
 
 
-def checked_content(frame: dict, client_id: str, max_chars: int) -> str:
-    content = frame.get("content")
+def checked_content(frame: dict, client_id: str, max_chars: int, *, is_caption: bool) -> str:
+    """The trimmed text; a photo's caption may be empty (or left out)."""
+    content = frame.get("content", "" if is_caption else None)
     if not isinstance(content, str):
         raise FrameError("invalid_message", "content must be a string", client_id)
     if not is_encodable(content):
         raise FrameError("invalid_message", "content has a NUL or a lone surrogate", client_id)
     content = content.strip()
-    if not content:
+    if not content and not is_caption:
         raise FrameError("empty", "the message is empty", client_id)
     if len(content) > max_chars:
         raise FrameError("too_long", f"a message holds at most {max_chars} characters", client_id)
     return content
+
+
+PHOTO_NOT_SENDABLE = "photo_id must be a photo you uploaded to this room and have not sent yet"
+
+
+async def checked_photo(storage: Storage, ws: ChatSocket, frame: dict, client_id: str) -> dict | None:
+    """The message's photo field, or None for text. The writer checks again as it
+    stores (the photo may have been sent meanwhile); this answers early and
+    gives the frame its size."""
+    photo_id = frame.get("photo_id")
+    if photo_id is None:
+        return None
+    if frame["type"] != "chat":
+        raise FrameError("invalid_message", "only a chat message carries a photo", client_id)
+    if not isinstance(photo_id, str) or not PHOTO_ID_PATTERN.fullmatch(photo_id):
+        raise FrameError("invalid_message", PHOTO_NOT_SENDABLE, client_id)
+    try:
+        row = await storage.photo(photo_id)
+    except StorageUnavailable:
+        raise FrameError("unavailable", "not stored; retry later with the same client_id",
+                         client_id) from None
+    if row is None or row["user_id"] != ws.identity.user_id \
+            or row["session_id"] != ws.room.session_id:
+        raise FrameError("invalid_message", PHOTO_NOT_SENDABLE, client_id)
+    return photo_field(photo_id, row["width"], row["height"])
 
 
 def reply_to_write(ws: ChatSocket, client_id: str, future: asyncio.Future) -> Any:
@@ -2779,6 +3200,8 @@ def reply_to_write(ws: ChatSocket, client_id: str, future: asyncio.Future) -> An
         ws.send_error("room_closed", "this session has ended; the room is read-only", client_id)
     elif isinstance(error, NotParticipant):
         ws.send_error("forbidden", "you are no longer in this room", client_id)
+    elif isinstance(error, PhotoNotSendable):
+        ws.send_error("invalid_message", PHOTO_NOT_SENDABLE, client_id)
     elif isinstance(error, StorageUnavailable):
         ws.send_error("unavailable", "not stored; retry later with the same client_id", client_id)
     elif error is not None:
@@ -2789,7 +3212,7 @@ def reply_to_write(ws: ChatSocket, client_id: str, future: asyncio.Future) -> An
     return None
 
 
-def publish_chat(hub: ChatHub, ws: ChatSocket, client_id: str, content: str,
+def publish_chat(hub: ChatHub, ws: ChatSocket, client_id: str, content: str, photo: dict | None,
                  future: asyncio.Future) -> None:
     """Runs as the write settles, in commit order, even if the handler is gone."""
     stored: StoredMessage | None = reply_to_write(ws, client_id, future)
@@ -2800,7 +3223,7 @@ def publish_chat(hub: ChatHub, ws: ChatSocket, client_id: str, content: str,
         hub.broadcast(ws.room.room_id, message_frame(
             message_type="chat", message_id=stored.message_id, session_id=ws.room.session_id,
             user_id=ws.identity.user_id, sender_name=ws.identity.name, content=content,
-            created_at=stored.created_at, client_id=client_id))
+            created_at=stored.created_at, client_id=client_id, photo=photo))
         if hub.push is not None:
             hub.push.message_stored(ws.room.room_id, ws.room.session_id, stored.message_id,
                                     ws.identity.user_id, ws.identity.name, content)
@@ -2846,22 +3269,28 @@ async def wait_settled(future: asyncio.Future) -> None:
 async def handle_send(request: web.Request, ws: ChatSocket, frame: dict) -> None:
     settings, hub, storage = request.app[SETTINGS], request.app[HUB], request.app[STORAGE]
     client_id = checked_client_id(frame)
-    content = checked_content(frame, client_id, settings.max_message_chars)
+    has_photo = frame.get("photo_id") is not None
+    content = checked_content(frame, client_id, settings.max_message_chars, is_caption=has_photo)
     is_spread = frame["type"] == "spread"
     if is_spread and ws.identity.role != "trainer":
         raise FrameError("forbidden", "only trainers can spread", client_id)
     if not hub.sends.allows(ws.identity.user_id):
         raise FrameError("rate_limited", "too many messages; slow down", client_id)
+    photo = await checked_photo(storage, ws, frame, client_id) if has_photo else None
     ws.last_typing_at = 0.0  # a message ends this bout of typing: relay the next one at once
     params = {"session_id": ws.room.session_id, "user_id": ws.identity.user_id,
-              "content": content, "client_id": client_id, "created_at": utc_now_iso()}
-    store, publish = (store_spreads, publish_spread) if is_spread else (store_chats, publish_chat)
+              "content": content, "client_id": client_id, "created_at": utc_now_iso(),
+              "photo_id": photo and photo["id"]}
+    if is_spread:
+        store, publish = store_spreads, functools.partial(publish_spread, hub, ws, client_id, content)
+    else:
+        store, publish = store_chats, functools.partial(publish_chat, hub, ws, client_id, content, photo)
     try:
         future = storage.submit(store, params)
     except StorageUnavailable:
         raise FrameError("unavailable", "not stored; retry later with the same client_id",
                          client_id) from None
-    future.add_done_callback(lambda done: publish(hub, ws, client_id, content, done))
+    future.add_done_callback(publish)
     await wait_settled(future)
 
 
@@ -3074,6 +3503,17 @@ async def admin_watch_context(app: web.Application):
     await _stop_task(watcher)
 
 
+async def photos_context(app: web.Application):
+    desk = app[PHOTOS] = PhotoDesk()
+    settings = app[SETTINGS]
+    cleaner = asyncio.create_task(remove_unsent_photos(
+        app[STORAGE], settings.photo_unsent_keep_s, settings.photo_cleanup_interval_s),
+        name="photo cleanup")
+    yield
+    await _stop_task(cleaner)
+    await asyncio.to_thread(desk.close)  # a decode under way finishes first
+
+
 async def liveness_context(app: web.Application):
     sweeper = asyncio.create_task(keep_sockets_alive(app[HUB], app[SETTINGS].ping_interval_s),
                                   name="liveness sweep")
@@ -3107,6 +3547,10 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get(f"{BASE_PATH}/chat", chat_page_handler)
     app.router.add_get(ROOMS_PATH, rooms_handler)
     app.router.add_get(ROOMS_PATH + "/{room_id}/messages", messages_handler)
+    app.router.add_post(ROOMS_PATH + "/{room_id}/photos", photo_upload_handler,
+                        name=PHOTO_UPLOAD_ROUTE)
+    app.router.add_get(f"{BASE_PATH}/chat/photos/{{photo_id}}", photo_handler)
+    app.router.add_get(f"{BASE_PATH}/chat/photos/{{photo_id}}/thumb", photo_handler)
     app.router.add_get(f"{BASE_PATH}/ws/chat/{{room_id}}", chat_socket_handler)
     app.router.add_get(f"{BASE_PATH}/login", login_handler)
     app.router.add_post(f"{BASE_PATH}/login", confirm_login_handler)
@@ -3119,8 +3563,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post(f"{BASE_PATH}/push/subscriptions", subscribe_handler)
     app.router.add_delete(f"{BASE_PATH}/push/subscriptions", unsubscribe_handler)
     app.router.add_get(f"{BASE_PATH}/static/{{path:.+}}", static_handler)
-    app.cleanup_ctx.extend([storage_context, writer_context, push_context, admin_watch_context,
-                            liveness_context])
+    app.cleanup_ctx.extend([storage_context, writer_context, push_context, photos_context,
+                            admin_watch_context, liveness_context])
     app.on_shutdown.append(close_all_sockets)
     app.on_response_prepare.append(add_security_headers)
     return app
@@ -3453,6 +3897,7 @@ SERVER_OPTIONS = (
     ("--secret", "secret", str, "JWT HS256 key (default: one kept in the database)"),
     ("--tz", "tz", _zone, "time zone for displayed times (default: the machine's)"),
     ("--max-message-chars", "max_message_chars", _positive_int, "default 2000"),
+    ("--max-photo-mb", "max_photo_mb", _positive_int, "largest photo upload in MiB (default 10)"),
     ("--rate-limit", "rate_limit", _rate, "chat/spread frames a second per user (0: off)"),
     ("--max-connections-per-ip", "max_connections_per_ip", _positive_int,
      f"open connections from one client address (default {MAX_CONNECTIONS_PER_IP})"),
@@ -3468,7 +3913,7 @@ SERVER_OPTIONS = (
     ("--push-preview", "push_preview", _on_off, "on (default) or off: message text in pushes"),
 )
 OPTION_DEFAULTS = {"host": "127.0.0.1", "port": "8080", "db": "distributor_chat.db",
-                   "secret": None, "tz": None, "max_message_chars": "2000",
+                   "secret": None, "tz": None, "max_message_chars": "2000", "max_photo_mb": "10",
                    "rate_limit": "5", "max_connections_per_ip": str(MAX_CONNECTIONS_PER_IP),
                    "log_level": "info", "log_format": "text", "jwt_issuer": None,
                    "jwt_audience": None, "metrics_token": None, "public_url": None,
@@ -3556,7 +4001,8 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     return Settings(host=args.host, port=args.port, db_path=Path(args.db), secret=args.secret or None,
                     allowed_origins=tuple(origins), tz=ZoneInfo(args.tz) if args.tz else None,
                     tz_name=args.tz or machine_tz_name(),
-                    max_message_chars=args.max_message_chars, rate_limit=args.rate_limit,
+                    max_message_chars=args.max_message_chars, max_photo_mb=args.max_photo_mb,
+                    rate_limit=args.rate_limit,
                     max_connections_per_ip=args.max_connections_per_ip,
                     log_level=args.log_level, log_format=args.log_format,
                     jwt_issuer=args.jwt_issuer, jwt_audience=args.jwt_audience,

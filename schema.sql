@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS pt_sessions (
 CREATE INDEX IF NOT EXISTS pt_sessions_by_trainer ON pt_sessions (trainer_id);
 CREATE INDEX IF NOT EXISTS pt_sessions_by_member ON pt_sessions (member_id);
 
+-- content is '' only for a photo sent without a caption.
 CREATE TABLE IF NOT EXISTS messages (
     id         INTEGER PRIMARY KEY,
     session_id INTEGER NOT NULL REFERENCES pt_sessions (id),
@@ -35,13 +36,35 @@ CREATE TABLE IF NOT EXISTS messages (
     type       TEXT NOT NULL CHECK (type IN ('chat', 'spread')),
     content    TEXT NOT NULL,
     client_id  TEXT NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    photo_id   TEXT REFERENCES photos (id)
 );
 -- A resent client_id finds the message it already stored.
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_client_id
     ON messages (session_id, user_id, client_id);
 -- Pages of a room and unread ranges read this index, never the whole table.
 CREATE INDEX IF NOT EXISTS messages_by_room ON messages (session_id, id);
+-- A photo is sent once; finding whether it was sent reads this index.
+CREATE UNIQUE INDEX IF NOT EXISTS messages_by_photo
+    ON messages (photo_id) WHERE photo_id IS NOT NULL;
+
+-- A photo as the server re-encoded it (SPEC 9), in the database itself: it is
+-- durable with the same COMMIT as any write, and a backup holds it. The id is
+-- random, never a counter. Until a message carries it, it is "unsent", and an
+-- unsent photo goes after a day. The two images come last in the row, so a
+-- query for the other columns never reads them.
+CREATE TABLE IF NOT EXISTS photos (
+    id         TEXT PRIMARY KEY,
+    session_id INTEGER NOT NULL REFERENCES pt_sessions (id),
+    user_id    TEXT NOT NULL REFERENCES users (id),
+    media_type TEXT NOT NULL CHECK (media_type IN ('image/jpeg', 'image/png')),
+    width      INTEGER NOT NULL,
+    height     INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    thumb      BLOB NOT NULL,
+    image      BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS photos_by_age ON photos (created_at);
 
 -- Each participant's read pointer and the exact count of others' messages
 -- after it.

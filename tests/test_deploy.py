@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import configparser
+import io
 import json
 import os
 import re
@@ -307,6 +308,57 @@ async def test_sign_in_rooms_chat_and_history_through_nginx(front):
                                    headers={"Host": PUBLIC_HOST}, allow_redirects=False)
         assert response.status == 301
         assert response.headers["Location"] == f"https://{PUBLIC_HOST}{ROOMS}?format=json"
+
+
+def noisy_jpeg(width: int, height: int) -> bytes:
+    """A photo-like JPEG that does not compress: several MiB for a phone's size."""
+    from PIL import Image
+    picture = Image.frombytes("RGB", (width, height), os.urandom(width * height * 3))
+    out = io.BytesIO()
+    picture.save(out, "JPEG", quality=95)
+    return out.getvalue()
+
+
+async def test_a_phone_photo_uploads_and_is_seen_through_nginx(front):
+    """A member's photo of several MiB goes up through nginx (its body limit
+    fits a photo, the upload streams through), is sent in the room, and the
+    trainer gets it from its address; a body past the server's limit is the
+    server's own 413, not nginx's."""
+    photo_bytes = noisy_jpeg(3000, 2000)
+    assert 5 * 1024 * 1024 < len(photo_bytes) < 10 * 1024 * 1024, len(photo_bytes)
+    upload_url = front.url(ROOMS + "/pt_1/photos")
+    async with browser(front) as member, browser(front) as trainer:
+        await sign_in(member, front, "m1")
+        await sign_in(trainer, front, "t1")
+        form = aiohttp.FormData()
+        form.add_field("photo", photo_bytes, filename="IMG_0001.JPG", content_type="image/jpeg")
+        response = await member.post(upload_url, data=form, headers={"Origin": front.origin})
+        assert response.status == 201, await response.text()
+        uploaded = await response.json()
+        assert (uploaded["width"], uploaded["height"]) == (2048, 1365), uploaded
+
+        member_ws, _ = await open_room_through(member, front, "pt_1", "m1")
+        trainer_ws, _ = await open_room_through(trainer, front, "pt_1", "t1")
+        await send_chat(member_ws, "", "p1", photo_id=uploaded["photo_id"])
+        ack = await ack_of(member_ws, "p1")
+        chat = await receive_until(trainer_ws, lambda frame: frame["type"] == "chat")
+        assert (chat["id"], chat["content"], chat["photo"]) == \
+            (ack["id"], "", {"id": uploaded["photo_id"], "width": 2048, "height": 1365})
+        await member_ws.close()
+        await trainer_ws.close()
+
+        response = await trainer.get(front.url(f"/distributor/chat/photos/{uploaded['photo_id']}"))
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "image/jpeg"
+        assert response.headers["Cache-Control"] == "private, max-age=31536000, immutable"
+        assert (await response.read())[:3] == b"\xff\xd8\xff"
+
+        too_large = aiohttp.FormData()
+        too_large.add_field("photo", b"\xff" * (11 * 1024 * 1024), filename="big.jpg",
+                            content_type="image/jpeg")
+        response = await member.post(upload_url, data=too_large, headers={"Origin": front.origin})
+        assert response.status == 413
+        assert (await response.json())["error"]["code"] == "too_large"
 
 
 async def test_no_answer_through_nginx_names_a_version(front):

@@ -21,7 +21,7 @@ BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;
 ROOM_FIELDS = {"id", "member_name", "trainer_name", "last_activity", "last_message",
                "unread_count", "status"}
 MESSAGE_FIELDS = {"type", "id", "room_id", "user_id", "sender_name", "content", "created_at",
-                  "client_id"}
+                  "client_id", "photo"}
 _client_ids = itertools.count(1)
 
 
@@ -547,7 +547,7 @@ async def test_html_pages_carry_security_headers(client, path, user_id):
     host = f"{client.server.host}:{client.server.port}"
     assert headers["Content-Security-Policy"] == (
         "default-src 'self'; script-src 'self' 'unsafe-eval'; style-src 'self'; "
-        f"img-src 'self' data:; connect-src 'self' ws://{host}; frame-ancestors 'none'; "
+        f"img-src 'self' data: blob:; connect-src 'self' ws://{host}; frame-ancestors 'none'; "
         "base-uri 'none'; form-action 'self'")
     assert headers["X-Frame-Options"] == "DENY"
     # Not no-referrer: under it browsers send "Origin: null" with our own forms.

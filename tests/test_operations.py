@@ -24,10 +24,14 @@ SCHEMA_V0 = Path(__file__).parent / "data" / "schema_v0.sql"
 
 
 def schema_of(db_path: Path) -> dict[str, str]:
-    """Every table, index and trigger's SQL, by name: what a database's shape is."""
+    """Every table, index and trigger's SQL, by name: what a database's shape is.
+    Spacing is left out (ALTER TABLE ADD COLUMN writes its column as ", col)"
+    where schema.sql has ",\n    col\n)"); every word and sign stays."""
     with contextlib.closing(sqlite3.connect(db_path)) as db:
-        return {name: " ".join(sql.split()) for name, sql in db.execute(
-            "SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%'")}
+        return {name: re.sub(r"\s*([(),])\s*", r"\1", " ".join(sql.split()))
+                for name, sql in db.execute(
+                    "SELECT name, sql FROM sqlite_master "
+                    "WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%'")}
 
 
 def user_version(db_path: Path) -> int:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import time
 from dataclasses import dataclass, field
 
+import aiohttp
 import http_ece
 import pytest
 from aiohttp import web
@@ -18,6 +20,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from PIL import Image
 
 import distributor_chat as dc
 from conftest import ack_of, auth, open_room, seed_gym, send_chat, wait_until
@@ -179,6 +182,28 @@ async def test_a_member_away_from_the_room_gets_the_message_as_a_push(chat, push
     await member.send_json({"type": "read", "message_id": ack["id"]})
     deliveries = await deliveries_to(push_service, "/push/member-phone", 2)
     assert deliveries[1].payload == {"type": "read", "unread_total": 0}
+
+
+async def test_a_photo_is_pushed_with_a_camera_for_its_preview_unless_it_has_a_caption(
+        chat, push_service):
+    await subscribe(chat, "m1", push_service.browser("photo-phone"))
+    trainer, _, _ = await open_room(chat, "pt_1", "t1")
+    photo = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(photo, "JPEG")
+    expected = set()
+    for number, caption in enumerate(("", "폼 체크해 보세요")):
+        form = aiohttp.FormData()
+        form.add_field("photo", photo.getvalue(), filename="form.jpg", content_type="image/jpeg")
+        response = await chat.post("/distributor/chat/rooms/pt_1/photos", data=form,
+                                   headers=auth("t1"))
+        assert response.status == 201, await response.text()
+        await send_chat(trainer, caption, f"photo-{number}",
+                        photo_id=(await response.json())["photo_id"])
+        ack = await ack_of(trainer, f"photo-{number}")
+        expected.add((ack["id"], caption or "📷"))
+    deliveries = await deliveries_to(push_service, "/push/photo-phone", 2)
+    assert {(d.payload["message_id"], d.payload["preview"]) for d in deliveries} == expected
+    assert {d.payload["sender_name"] for d in deliveries} == {"Coach One"}
 
 
 async def test_no_push_for_someone_with_the_room_open_and_none_for_the_sender(chat, push_service):

@@ -17,7 +17,7 @@ from conftest import (
 
 WS_PATH = "/distributor/ws/chat/{}"
 MESSAGE_FIELDS = {"type", "id", "room_id", "user_id", "sender_name", "content", "created_at",
-                  "client_id"}
+                  "client_id", "photo"}
 
 
 # ------------------------------------------------------------ helpers ---
