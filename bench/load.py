@@ -11,7 +11,7 @@ Prints acknowledged messages a second, ack latency and send-to-delivery latency.
 Bounded in count and time; talks only to 127.0.0.1.
 
 The helpers here (Server, gyms, tokens, sockets, percentiles) are shared with
-bench/run.py, which runs every scenario against our server and a peer.
+bench/run.py, which runs every scenario against our server and two peers.
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-0123456789abcdef0123456789abcdef"
 SCRIPTS = {"ours": ROOT / "distributor_chat.py",
+           "bare": ROOT / "bench" / "peers" / "bare_limit.py",
            "peer": ROOT / "bench" / "peers" / "seed_fastapi.py"}
 HOST = "127.0.0.1"
 
@@ -118,7 +119,8 @@ def coach_gym(rooms: int, first_room: int, coach: str = "coach") -> dict:
 
 # ----------------------------------------------------------------- server ---
 class Server:
-    """One server process (ours or the peer) on a fresh database in `workdir`."""
+    """One server process (ours, the bare limit or the FastAPI peer) on a fresh
+    database in `workdir`."""
 
     live: set["Server"] = set()  # every started, not yet stopped server: stopped on exit
 
@@ -158,10 +160,11 @@ class Server:
 
     def load_messages(self, first: int, last: int, per_room: int) -> None:
         """Bulk messages into rooms first..last, interleaved, senders alternating
-        member/trainer, one second apart ending now; nothing read. Ours: plain SQL
-        into `messages` (the schema's triggers keep the counts); the peer: its
-        own `load-messages` subcommand. Not through the protocol."""
-        if self.kind != "ours":
+        member/trainer, one second apart ending now; nothing read. Ours and the
+        bare limit: plain SQL into `messages` (our schema's triggers keep the
+        counts); the FastAPI peer: its own `load-messages` subcommand. Not
+        through the protocol."""
+        if self.kind == "peer":
             self._run("load-messages", "--db", str(self.db_path),
                       "--session-ids", f"{first}-{last}", "--per-session", str(per_room))
             return

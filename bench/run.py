@@ -1,32 +1,44 @@
-"""Benchmark: Distributor Chat against a peer server, one table side by side.
+"""Benchmark: Distributor Chat, the bare limit of its design and a FastAPI peer, one table.
 
     python bench/run.py            full run (many minutes)
-    python bench/run.py --quick    every scenario, smaller counts (under a minute)
-    python bench/run.py --only ours       (or --servers ours / peer / ours,peer)
+    python bench/run.py --quick    every scenario, smaller counts (about two minutes)
+    python bench/run.py --only ours       (or --servers ours,bare / bare / peer ...)
 
-Each server (ours: distributor_chat.py; the peer: bench/peers/seed_fastapi.py, a
-FastAPI + SQLAlchemy build of the same protocol subset) runs each scenario in a
-temporary directory on a fresh copy of a database that holds only the scenarios'
-users and sessions (scenario 4: plus its bulk messages; scenario 6: empty), started
-with `--rate-limit 0 --no-demo` and a secret this program mints its tokens with.
-Users and sessions go in through each server's `import` subcommand, bulk history
-through SQL (ours) or the peer's `load-messages`; everything else is the SPEC
-protocol over 127.0.0.1. The load generator runs on uvloop when it is installed.
+Three servers speak the same protocol subset: ours (distributor_chat.py); the bare
+limit (bench/peers/bare_limit.py: our design with everything but the durable write
+path and the hub taken away, a yardstick of what this architecture can do on this
+machine); the peer (bench/peers/seed_fastapi.py: a FastAPI + SQLAlchemy build, as a
+typical team writes it). Each runs each scenario in a temporary directory on a fresh
+copy of a database that holds only the scenarios' users and sessions (scenario 4:
+plus its bulk messages; scenario 6: empty), started with `--rate-limit 0 --no-demo`
+and a secret this program mints its tokens with (ours also with a per-address
+connection cap of 1,000,000: every client is 127.0.0.1). All three store with
+SQLite WAL and `synchronous = FULL` and ack only after COMMIT. Users and sessions go
+in through each server's `import` subcommand, bulk history through SQL (ours, bare)
+or the peer's `load-messages`; everything else is the SPEC protocol over 127.0.0.1.
 
-Scenarios: 1 throughput (1b closed loop at the maximum, then 1a open loop at a
-fixed offered rate), 2 idle sockets, 3 spread, 4 room list and room open on a big
-database, 5 reconnect storm, 6 startup. Every loop is bounded in count and time;
-every server started is stopped, also on failure. Progress goes to stderr, the
-report to stdout. Exit status 1 when one of our checks fails (lost, repeated or
-dropped messages) or one of our scenarios errors; the peer's problems are reported
-but do not fail the run. The peer is skipped, with a line saying so, when its
-file or its dependencies (fastapi, uvicorn, sqlalchemy) are missing.
+The load generator is this one process (one event loop, uvloop when installed) on
+the same CPUs as the server; the report gives its CPU share in every scenario and
+flags a scenario where it neared a full core (then the figure is partly the
+generator's limit). Each scenario states the load it offers.
+
+Scenarios: 1a open loop at a fixed offered rate, 1b closed-loop capacity, 1c
+overload (an open loop meant to exceed the servers' capacity, then a drain), each on
+a fresh server; 2 idle sockets, 3 spread, 4 room list and room open on a big database, 5
+reconnect storm, 6 startup. Every loop is bounded in count and time; every server
+started is stopped, also on failure. Progress goes to stderr, the report to stdout.
+Exit status 1 when one of our checks fails (lost, repeated or dropped messages) or
+one of our scenarios errors; the peers' problems are reported but do not fail the
+run. The FastAPI peer is skipped, with a line saying so, when its file or its
+dependencies (fastapi, uvicorn, sqlalchemy) are missing.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import atexit
+import collections
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -56,11 +68,16 @@ IDLE_SOCKETS_PER_USER = 10
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
-    tp_rooms: int = 500
-    tp_rate: int = 2000          # offered msg/s, open loop
+    tp_rooms: int = 500          # 1a and 1c
+    tp_rate: int = 2000          # 1a: offered msg/s, open loop
     tp_seconds: float = 30
-    tp_window: int = 4           # messages in flight per member, closed loop
-    drain_s: float = 30          # longest wait for outstanding acks after sending stops
+    cap_rooms: int = 300         # 1b: closed loop
+    cap_window: int = 16         # 1b: messages in flight per member
+    cap_seconds: float = 20      # 1b: the measured window
+    drain_s: float = 30          # 1a, 1b: longest wait for outstanding acks after sending stops
+    ov_rate: int = 8000          # 1c: offered msg/s, open loop
+    ov_seconds: float = 15
+    ov_drain_s: float = 30
     idle_sockets: int = 10_000
     idle_seconds: float = 60
     spread_rooms: int = 300
@@ -75,9 +92,11 @@ class Sizes:
 
 
 FULL = Sizes()
-# Quick: every scenario, both servers, under a minute on 2 cores (the peer needs
-# ~13 ms a WebSocket handshake, so socket counts and phases are shorter than FULL's).
-QUICK = Sizes(tp_rooms=100, tp_seconds=3, drain_s=1.5, idle_sockets=500, idle_seconds=2,
+# Quick: every scenario, every server, in about two minutes on 2 cores (the FastAPI
+# peer needs ~13 ms a WebSocket handshake, so socket counts and phases are shorter
+# than FULL's; the offered rates stay).
+QUICK = Sizes(tp_rooms=100, tp_seconds=3, cap_rooms=100, cap_seconds=2, drain_s=1.5,
+              ov_seconds=2, ov_drain_s=2, idle_sockets=500, idle_seconds=2,
               spread_rooms=100, spreads=10, list_messages=50_000, list_requests=50,
               list_opens=30, storm_clients=300, loop_budget_s=1.5, scenario_timeout_s=60)
 
@@ -96,22 +115,40 @@ def metrics(s: Sizes) -> list[Metric]:
         Metric("tp_offered", f"1a throughput, {s.tp_rate} msg/s offered to {s.tp_rooms} rooms "
                f"for {s.tp_seconds:g} s: sent", "msg/s", "info"),
         Metric("tp_acked", "1a throughput: acked", "msg/s", "higher"),
-        Metric("tp_ack_p50", "1a throughput: ack p50", "ms", "lower"),
-        Metric("tp_ack_p99", "1a throughput: ack p99", "ms", "lower"),
-        Metric("tp_delivery_p99", "1a throughput: send->delivery p99", "ms", "lower"),
+        Metric("tp_ack_p50", "1a throughput: ack p50 (never acked = inf)", "ms", "lower"),
+        Metric("tp_ack_p99", "1a throughput: ack p99 (never acked = inf)", "ms", "lower"),
+        Metric("tp_delivery_p99", "1a throughput: send->delivery p99 (never delivered = inf)",
+               "ms", "lower"),
         Metric("tp_unacked", f"1a throughput: unacked {s.drain_s:g} s after sending stopped",
                "msgs", "info"),
-        Metric("tp_max", f"1b max sustained ({s.tp_window} in flight per member): acked",
-               "msg/s", "higher"),
-        Metric("tp_max_ack_p50", "1b max sustained: ack p50", "ms", "lower"),
-        Metric("tp_lost", "1 throughput check: acked but lost, undelivered or repeated",
-               "msgs", "check"),
+        Metric("tp_max", f"1b max sustained, closed loop, {s.cap_rooms} rooms, {s.cap_window} "
+               f"in flight per member, {s.cap_seconds:g} s: acked", "msg/s", "higher"),
+        Metric("tp_max_ack_p50", "1b max sustained: ack p50 (never acked = inf)", "ms", "lower"),
+        Metric("tp_max_ack_p99", "1b max sustained: ack p99 (never acked = inf)", "ms", "lower"),
+        Metric("ov_offered", f"1c overload, {s.ov_rate} msg/s offered to {s.tp_rooms} rooms "
+               f"for {s.ov_seconds:g} s: sent", "msg/s", "info"),
+        Metric("ov_sent", "1c overload: messages sent", "msgs", "info"),
+        Metric("ov_acked", f"1c overload: acked by {s.ov_drain_s:g} s after sending stopped",
+               "msgs", "info"),
+        Metric("ov_acked_pct", "1c overload: acked, share of sent (compared: the counts "
+               "sent differ)", "%", "higher"),
+        Metric("ov_refused", "1c overload: refused (error frame or socket closed)", "msgs",
+               "info"),
+        Metric("ov_unanswered", "1c overload: neither acked nor refused at the end", "msgs",
+               "info"),
+        Metric("ov_ack_p99", "1c overload: ack p99 of the acked", "ms", "lower"),
+        Metric("ov_drain_s", "1c overload: sending stopped->last answer (nan: not drained)",
+               "s", "lower"),
+        Metric("tp_lost", "1 throughput check (1a-1c): acked but lost, undelivered or "
+               "repeated, or refused but stored", "msgs", "check"),
         Metric("idle_kib", f"2 idle sockets ({s.idle_sockets} for {s.idle_seconds:g} s): "
                "RSS per socket (peak)", "KiB", "lower"),
         Metric("idle_dropped", "2 idle sockets check: failed or dropped", "sockets", "check"),
         Metric("spread_p50", f"3 spread to {s.spread_rooms} rooms ({s.spreads} spreads): "
                "send->last receipt p50", "ms", "lower"),
         Metric("spread_p99", "3 spread: send->last receipt p99", "ms", "lower"),
+        Metric("spread_ack_p50", "3 spread: send->trainer's ack p50", "ms", "lower"),
+        Metric("spread_ack_p99", "3 spread: send->trainer's ack p99", "ms", "lower"),
         Metric("spread_bad", "3 spread check: not stored/received once per room", "spreads",
                "check"),
         Metric("list_p50", f"4 room list ({s.list_rooms} rooms, {s.list_messages} msgs, "
@@ -128,6 +165,27 @@ def metrics(s: Sizes) -> list[Metric]:
         Metric("start_big", f"6 startup to healthz, {s.list_messages}-message database", "ms",
                "lower"),
         Metric("rss_rest", "6 RSS at rest after startup", "MiB", "lower"),
+    ]
+
+
+def offered_load(s: Sizes) -> list[str]:
+    """What each scenario asks of a server, as the report states it."""
+    return [
+        f"1a  open loop: {s.tp_rate} msg/s for {s.tp_seconds:g} s, round robin over "
+        f"{s.tp_rooms} members (trainers receive), sent whatever the answers",
+        f"1b  closed loop: {s.cap_rooms} members x {s.cap_window} in flight = "
+        f"{s.cap_rooms * s.cap_window} messages outstanding, a new one per answer, "
+        f"{s.cap_seconds:g} s window",
+        f"1c  open loop: {s.ov_rate} msg/s for {s.ov_seconds:g} s over {s.tp_rooms} members, "
+        f"then up to {s.ov_drain_s:g} s for the answers",
+        f"2   {s.idle_sockets} sockets opened 200 handshakes at a time, then idle "
+        f"{s.idle_seconds:g} s",
+        f"3   {s.spreads} spreads to {s.spread_rooms} rooms, one at a time (the next after "
+        "every member has the last)",
+        f"4   {s.list_requests} room-list GETs, then {s.list_opens} room opens, one at a time",
+        f"5   {s.storm_clients} members reconnect with `after` all at once while "
+        f"{math.ceil(s.storm_clients / STORM_ROOMS_PER_TRAINER)} trainers spread",
+        "6   none: spawn to the first healthz 200, RSS 0.5 s later",
     ]
 
 
@@ -225,108 +283,128 @@ def stored_client_ids(server: Server) -> dict[str, int]:
 
 
 # ------------------------------------------------------------- scenarios ---
-async def scenario_throughput(server: Server, s: Sizes, run: Run, meter: Meter) -> None:
-    """1: both participants of every room connected; members send, trainers receive.
-    (b) closed loop first: its backlog is bounded by the windows, so it drains; then
-    (a) open loop, whose backlog on an overloaded server may not drain (nothing runs
-    after it: the server is stopped). Client ids start with the phase letter."""
-    rooms = s.tp_rooms
-    server.start()
-    sent_at: dict[str, float] = {}
-    ack_ms: dict[str, float] = {}
-    delivery_ms: dict[str, float] = {}
-    tally = {"repeats": 0, "errors": 0, "acks_in_window": 0}
-    windows = [asyncio.Semaphore(s.tp_window) for _ in range(rooms)]
-    window_end = [math.inf]
+class ChatLoad:
+    """Scenario 1's bookkeeping: both participants of rooms 1..n connected, members
+    send, trainers receive. Every message is known by its client_id, whose first
+    letter is the phase (a, b, c) and whose number before the dash is the room."""
 
-    def on_member(frame):
+    def __init__(self, rooms: int, window: int = 0):
+        self.sent_at: dict[str, float] = {}
+        self.ack_ms: dict[str, float] = {}
+        self.delivery_ms: dict[str, float] = {}
+        self.refused: dict[str, str] = {}  # client_id: error code
+        self.repeats = 0
+        self.acks_in_window = 0
+        self.window_end = math.inf
+        self.closed_by_server: list = []  # close codes of sockets the server closed
+        self.send_blocked_s = 0.0  # open loop: time spent waiting in sends (back-pressure)
+        self.windows = [asyncio.Semaphore(window) for _ in range(rooms)] if window else []
+
+    def on_member(self, frame) -> None:
         kind = frame["type"]
         if kind == "ack":
             client_id = frame["client_id"]
             now = time.perf_counter()
-            ack_ms[client_id] = (now - sent_at[client_id]) * 1000
-            if now <= window_end[0]:
-                tally["acks_in_window"] += 1
-            if client_id[0] == "b":
-                windows[int(client_id[1:].split("-")[0])].release()
+            self.ack_ms[client_id] = (now - self.sent_at[client_id]) * 1000
+            if now <= self.window_end:
+                self.acks_in_window += 1
+            if self.windows:
+                self.windows[int(client_id[1:].split("-")[0])].release()
         elif kind == "error":
-            tally["errors"] += 1
+            client_id = frame.get("client_id")
+            self.refused[client_id] = frame.get("code")
+            if self.windows and client_id in self.sent_at:
+                self.windows[int(client_id[1:].split("-")[0])].release()
 
-    def on_trainer(frame):
+    def on_trainer(self, frame) -> None:
         if frame["type"] == "chat":
             client_id = frame["client_id"]
-            if client_id in delivery_ms:
-                tally["repeats"] += 1
-            delivery_ms[client_id] = (time.perf_counter() - sent_at[client_id]) * 1000
+            if client_id in self.delivery_ms:
+                self.repeats += 1
+            self.delivery_ms[client_id] = (time.perf_counter() - self.sent_at[client_id]) * 1000
 
-    async def drain(sent: int) -> float:
-        """Waits for every ack (at most drain_s), then for the acked ones' deliveries."""
-        await wait_until(lambda: len(ack_ms) >= len(sent_at), s.drain_s)
-        drained = time.perf_counter()
-        acked = set(ack_ms)
-        await wait_until(lambda: delivery_ms.keys() >= acked, 5)
-        return drained
+    def answered(self) -> int:
+        return len(self.ack_ms) + len(self.refused.keys() & self.sent_at.keys())
 
-    def phase_values(phase: str) -> list[float]:
-        return [ms for client_id, ms in ack_ms.items() if client_id[0] == phase]
+    def latencies(self, done_ms: dict[str, float]) -> list[float]:
+        """Every message sent, one latency each: a message without one (unacked,
+        refused, undelivered) counts as infinite, so a server that answers only some
+        is not measured on the ones it answered."""
+        return [done_ms.get(client_id, math.inf) for client_id in self.sent_at]
 
+    async def drain(self, timeout_s: float) -> None:
+        """Waits for an answer (ack or error) to every message sent (at most timeout_s),
+        then (at most 5 s) for the acked ones' deliveries."""
+        await wait_until(lambda: self.answered() >= len(self.sent_at), timeout_s)
+        acked = set(self.ack_ms)
+        await wait_until(lambda: self.delivery_ms.keys() >= acked, 5)
+
+    def watch(self, ws, handle) -> asyncio.Task:
+        """read_forever, noting a socket that ends before it is cancelled."""
+        def ended(task: asyncio.Task) -> None:
+            if not task.cancelled():
+                error = task.exception()
+                self.closed_by_server.append(repr(error) if error else ws.close_code)
+
+        task = read_forever(ws, handle)
+        task.add_done_callback(ended)
+        return task
+
+
+@contextlib.asynccontextmanager
+async def connected_rooms(server: Server, rooms: int, load: ChatLoad):
+    """Starts the server, connects trainer tn and member mn of rooms 1..rooms with
+    readers feeding `load`; yields the members' sockets (index n-1: room n)."""
+    server.start()
     async with client_session() as http:
         trainers = opened(await connect_many(
             http, server, [(n, f"t{n}", "trainer") for n in range(1, rooms + 1)]))
         members = opened(await connect_many(
             http, server, [(n, f"m{n}", "member") for n in range(1, rooms + 1)]))
-        readers = [read_forever(ws, on_trainer) for ws in trainers]
-        readers += [read_forever(ws, on_member) for ws in members]
+        readers = [load.watch(ws, load.on_trainer) for ws in trainers]
+        readers += [load.watch(ws, load.on_member) for ws in members]
         try:
-            with meter(server):
-                window_end[0] = time.perf_counter() + s.tp_seconds
-                sent = await closed_loop(members, windows, sent_at, window_end[0])
-                await drain(sent)
-                run.values["tp_max"] = tally["acks_in_window"] / s.tp_seconds
-                run.values["tp_max_ack_p50"] = median(phase_values("b"))
-                if len(ack_ms) < len(sent_at):
-                    run.note(f"1b: {len(sent_at) - len(ack_ms)} of {sent} unacked "
-                             f"{s.drain_s:g} s after sending stopped")
-
-                tally["acks_in_window"] = 0
-                started = time.perf_counter()
-                window_end[0] = started + s.tp_seconds
-                sent = await open_loop(members, sent_at, s.tp_rate, s.tp_seconds)
-                send_s = time.perf_counter() - started
-                await drain(sent)
-                values = phase_values("a")
-                run.values["tp_offered"] = sent / send_s
-                run.values["tp_acked"] = tally["acks_in_window"] / s.tp_seconds
-                run.values["tp_ack_p50"] = median(values)
-                run.values["tp_ack_p99"] = percentile(values, 0.99)
-                run.values["tp_delivery_p99"] = percentile(
-                    [ms for client_id, ms in delivery_ms.items() if client_id[0] == "a"], 0.99)
-                run.values["tp_unacked"] = sum(1 for c in sent_at if c[0] == "a") - len(values)
+            yield members
         finally:
             await cancel(readers)
-    unacked = len(sent_at) - len(ack_ms)
-    if unacked:  # an overloaded server is just killed: committed rows survive that
+
+
+def stop_and_check(server: Server, run: Run, load: ChatLoad, phase: str) -> None:
+    """Stops the server (SIGKILL when messages are still unanswered: an overloaded
+    server may never drain) and checks that every ack is one stored row, delivered
+    once; adds the problems to tp_lost (the "1 throughput check" row)."""
+    unanswered = len(load.sent_at) - load.answered()
+    if unanswered:  # committed rows survive a SIGKILL
         server.kill_expected = True
-        run.note(f"1: {unacked} messages still unacked: the server is stopped with SIGKILL")
-    server.stop(grace_s=10 if unacked == 0 else 0.2)
-    # Every ack is a stored row, stored once, delivered once; all acked: rows == acks.
-    undelivered = len(ack_ms.keys() - delivery_ms.keys())
+        run.note(f"{phase}: {unanswered} messages unanswered: the server is stopped with SIGKILL")
+    server.stop(grace_s=10 if unanswered == 0 else 0.2)
+    undelivered = len(load.ack_ms.keys() - load.delivery_ms.keys())
     stored = stored_client_ids(server)
-    missing = len(ack_ms.keys() - stored.keys())
+    missing = len(load.ack_ms.keys() - stored.keys())
     doubled = sum(1 for count in stored.values() if count > 1)
-    total = sum(stored.values())
-    if undelivered or missing or doubled or tally["repeats"] or tally["errors"]:
-        run.note(f"1: {undelivered} acked but not delivered, {tally['repeats']} delivered "
+    refused_stored = len(load.refused.keys() & stored.keys())
+    if undelivered or missing or doubled or load.repeats or refused_stored:
+        run.note(f"{phase}: {undelivered} acked but not delivered, {load.repeats} delivered "
                  f"twice, {missing} acked but not stored, {doubled} stored twice, "
-                 f"{tally['errors']} error frames")
-    run.note(f"1: {len(ack_ms)} acks, {total} stored rows"
-             + ("" if total == len(ack_ms) else
-                f" ({unacked} sent but unacked when the server was stopped)"))
-    run.values["tp_lost"] = undelivered + missing + doubled + tally["repeats"]
+                 f"{refused_stored} refused but stored")
+    if load.refused:
+        codes = collections.Counter(load.refused.values())
+        run.note(f"{phase}: {len(load.refused)} refused (error code, or closed: sent on a "
+                 f"socket the server had closed): {dict(codes)}")
+    if load.closed_by_server:
+        codes = collections.Counter(load.closed_by_server)
+        run.note(f"{phase}: {len(load.closed_by_server)} sockets ended before the phase did "
+                 f"(close code, or the reader's error): {dict(codes)}")
+    run.note(f"{phase}: {len(load.sent_at)} sent, {len(load.ack_ms)} acks, "
+             f"{sum(stored.values())} stored rows")
+    run.values["tp_lost"] = (run.values.get("tp_lost", 0) + undelivered + missing + doubled
+                             + load.repeats + refused_stored)
 
 
-async def open_loop(members, sent_at, rate: float, seconds: float) -> int:
-    """Sends `rate` msg/s in total, round robin over members, regardless of acks."""
+async def open_loop(load: ChatLoad, members, phase: str, rate: float, seconds: float) -> int:
+    """Sends `rate` msg/s in total, round robin over members, regardless of answers.
+    A generator that falls behind sends fewer: the caller reports what was sent. A
+    message whose socket the server has closed counts as refused ("closed")."""
     sent, total, started = 0, int(rate * seconds), time.perf_counter()
     while sent < total:
         elapsed = time.perf_counter() - started
@@ -335,16 +413,22 @@ async def open_loop(members, sent_at, rate: float, seconds: float) -> int:
         due = min(total, int(rate * elapsed) + 1)
         while sent < due:
             room = sent % len(members)
-            client_id = f"a{room}-{sent}"
-            sent_at[client_id] = time.perf_counter()
-            await members[room].send_str(chat_frame(f"open loop {sent}", client_id))
+            client_id = f"{phase}{room}-{sent}"
+            load.sent_at[client_id] = begun = time.perf_counter()
+            try:
+                await members[room].send_str(chat_frame(f"open loop {sent}", client_id))
+            except ConnectionError:
+                load.refused[client_id] = "closed"
+            if (waited := time.perf_counter() - begun) > 0.001:
+                load.send_blocked_s += waited
             sent += 1
         await asyncio.sleep(0.002)
     return sent
 
 
 async def closed_loop(members, windows, sent_at, t_end: float) -> int:
-    """Every member keeps its window of messages in flight until t_end."""
+    """Every member keeps its window of messages in flight until t_end: a new one
+    as each answer comes back."""
     counts = [0] * len(members)
 
     async def pump(room: int, ws) -> None:
@@ -361,11 +445,89 @@ async def closed_loop(members, windows, sent_at, t_end: float) -> int:
                 return
             client_id = f"b{room}-{counts[room]}"
             sent_at[client_id] = time.perf_counter()
-            await ws.send_str(chat_frame(f"closed loop {counts[room]}", client_id))
+            try:
+                await ws.send_str(chat_frame(f"closed loop {counts[room]}", client_id))
+            except ConnectionError:  # closed by the server: in the notes, unanswered
+                return
             counts[room] += 1
 
     await asyncio.gather(*(pump(room, ws) for room, ws in enumerate(members)))
     return sum(counts)
+
+
+def note_shortfall(run: Run, phase: str, load: ChatLoad, sent: int, send_s: float,
+                   rate: float) -> None:
+    """Says so when the generator sent less than it meant to offer, and why it may be."""
+    if sent / send_s < 0.95 * rate:
+        run.note(f"{phase}: the generator sent {sent / send_s:.0f} msg/s, not {rate}: "
+                 f"{load.send_blocked_s:.1f} s of its {send_s:.1f} s went waiting in sends "
+                 "(socket back-pressure); the rest is its own CPU or the machine's (see the "
+                 "CPU shares)")
+
+
+async def scenario_offered(server: Server, s: Sizes, run: Run, meter: Meter) -> None:
+    """1a: tp_rate msg/s offered open loop to tp_rooms rooms for tp_seconds."""
+    load = ChatLoad(s.tp_rooms)
+    async with connected_rooms(server, s.tp_rooms, load) as members:
+        with meter(server):
+            started = time.perf_counter()
+            load.window_end = started + s.tp_seconds
+            sent = await open_loop(load, members, "a", s.tp_rate, s.tp_seconds)
+            send_s = time.perf_counter() - started
+            await load.drain(s.drain_s)
+    acks = load.latencies(load.ack_ms)
+    run.values["tp_offered"] = sent / send_s
+    run.values["tp_acked"] = load.acks_in_window / s.tp_seconds
+    run.values["tp_ack_p50"] = percentile(acks, 0.5)
+    run.values["tp_ack_p99"] = percentile(acks, 0.99)
+    run.values["tp_delivery_p99"] = percentile(load.latencies(load.delivery_ms), 0.99)
+    run.values["tp_unacked"] = sent - len(load.ack_ms)
+    note_shortfall(run, "1a", load, sent, send_s, s.tp_rate)
+    stop_and_check(server, run, load, "1a")
+
+
+async def scenario_capacity(server: Server, s: Sizes, run: Run, meter: Meter) -> None:
+    """1b: closed loop, cap_window messages in flight per member of cap_rooms rooms;
+    acked msg/s over the cap_seconds window."""
+    load = ChatLoad(s.cap_rooms, window=s.cap_window)
+    async with connected_rooms(server, s.cap_rooms, load) as members:
+        with meter(server):
+            load.window_end = time.perf_counter() + s.cap_seconds
+            sent = await closed_loop(members, load.windows, load.sent_at, load.window_end)
+            await load.drain(s.drain_s)
+    acks = load.latencies(load.ack_ms)
+    run.values["tp_max"] = load.acks_in_window / s.cap_seconds
+    run.values["tp_max_ack_p50"] = percentile(acks, 0.5)
+    run.values["tp_max_ack_p99"] = percentile(acks, 0.99)
+    stop_and_check(server, run, load, "1b")
+
+
+async def scenario_overload(server: Server, s: Sizes, run: Run, meter: Meter) -> None:
+    """1c: ov_rate msg/s offered open loop to tp_rooms rooms for ov_seconds, meant to
+    be more than a server takes; then up to ov_drain_s for the answers. Counts what
+    was acked, refused (error frames, closed sockets) and left unanswered."""
+    load = ChatLoad(s.tp_rooms)
+    async with connected_rooms(server, s.tp_rooms, load) as members:
+        with meter(server):
+            started = time.perf_counter()
+            load.window_end = started + s.ov_seconds
+            sent = await open_loop(load, members, "c", s.ov_rate, s.ov_seconds)
+            send_s = time.perf_counter() - started
+            stopped = time.perf_counter()
+            await load.drain(s.ov_drain_s)
+            drained_s = time.perf_counter() - stopped
+    acked = len(load.ack_ms)
+    refused = len(load.refused.keys() & load.sent_at.keys())
+    run.values["ov_offered"] = sent / send_s
+    run.values["ov_sent"] = sent
+    run.values["ov_acked"] = acked
+    run.values["ov_acked_pct"] = 100 * acked / max(1, sent)
+    run.values["ov_refused"] = refused
+    run.values["ov_unanswered"] = sent - acked - refused
+    run.values["ov_ack_p99"] = percentile(list(load.ack_ms.values()), 0.99)
+    run.values["ov_drain_s"] = drained_s if load.answered() >= sent else math.nan
+    note_shortfall(run, "1c", load, sent, send_s, s.ov_rate)
+    stop_and_check(server, run, load, "1c")
 
 
 async def scenario_idle(server: Server, s: Sizes, run: Run, meter: Meter) -> None:
@@ -420,6 +582,8 @@ async def scenario_spread(server: Server, s: Sizes, run: Run, meter: Meter) -> N
     done_at: dict[str, float] = {}
     received: dict[str, int] = {}
     ack_rooms: dict[str, int] = {}
+    sent_at: dict[str, float] = {}
+    ack_at: dict[str, float] = {}
     all_in = asyncio.Event()
 
     def on_member(frame):
@@ -433,6 +597,7 @@ async def scenario_spread(server: Server, s: Sizes, run: Run, meter: Meter) -> N
 
     def on_trainer(frame):
         if frame["type"] == "ack":
+            ack_at[frame["client_id"]] = time.perf_counter()
             ack_rooms[frame["client_id"]] = frame.get("rooms")
 
     times: list[float] = []
@@ -454,7 +619,7 @@ async def scenario_spread(server: Server, s: Sizes, run: Run, meter: Meter) -> N
                     client_id = f"s{number}"
                     waiting[client_id] = rooms
                     all_in.clear()
-                    started = time.perf_counter()
+                    started = sent_at[client_id] = time.perf_counter()
                     await trainer.send_str(
                         f'{{"type": "spread", "content": "class moved {number}", '
                         f'"client_id": "{client_id}"}}')
@@ -476,6 +641,9 @@ async def scenario_spread(server: Server, s: Sizes, run: Run, meter: Meter) -> N
             run.note(f"3: {client_id}: stored (rows, rooms) {stored.get(client_id)}, received "
                      f"{received.get(client_id)}, ack rooms {ack_rooms.get(client_id)}; "
                      f"expected {rooms}")
+    ack_ms = [(ack_at[c] - sent_at[c]) * 1000 for c in sent_at if c in ack_at]
+    run.values["spread_ack_p50"] = median(ack_ms)
+    run.values["spread_ack_p99"] = percentile(ack_ms, 0.99)
     run.values["spread_p50"] = median(times)
     run.values["spread_p99"] = percentile(times, 0.99)
     run.values["spread_bad"] = bad
@@ -649,7 +817,9 @@ def bench_gym(s: Sizes) -> dict:
     return {key: [item for part in parts for item in part[key]] for key in ("users", "sessions")}
 
 
-SCENARIOS = [("1 throughput", scenario_throughput, "seeded"),
+SCENARIOS = [("1a offered", scenario_offered, "seeded"),
+             ("1b capacity", scenario_capacity, "seeded"),
+             ("1c overload", scenario_overload, "seeded"),
              ("2 idle sockets", scenario_idle, "seeded"),
              ("3 spread", scenario_spread, "seeded"),
              ("4 room list", scenario_room_list, "big"),
@@ -729,44 +899,76 @@ def loop_name() -> str:
 def fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "n/a"
-    if isinstance(value, float) and math.isnan(value):
-        return "nan"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # nan: not measured; inf: a percentile that fell on unanswered
     if unit in ("msgs", "sockets", "spreads"):
         return f"{value:.0f}"
     return f"{value:.1f}" if abs(value) < 100 else f"{value:.0f}"
 
 
-def ratio(metric: Metric, ours: float | None, peer: float | None) -> str:
-    if metric.better not in ("higher", "lower") or ours is None or peer is None:
+def ratio(value: float | None, bare: float | None) -> str:
+    if value is None or bare is None or bare <= 0 or not math.isfinite(bare):
         return "-"
-    top, bottom = (ours, peer) if metric.better == "higher" else (peer, ours)
-    if any(math.isnan(v) for v in (top, bottom)) or bottom <= 0:
+    if math.isnan(value):
         return "-"
-    return f"{top / bottom:.2f}x"
+    return f"{value / bare:.2f}" if math.isfinite(value) else "inf"
+
+
+KINDS = ("ours", "bare", "peer")
+SERVER_NAMES = {"ours": "ours = distributor_chat.py",
+                "bare": "bare = bench/peers/bare_limit.py, the bare limit of our design",
+                "peer": "peer = bench/peers/seed_fastapi.py, FastAPI + SQLAlchemy"}
+GENERATOR_SATURATED = 0.9  # CPU share of the load generator flagged in the report
 
 
 def report(s: Sizes, mode: str, runs: list[Run], skipped: list[str]) -> str:
+    by_kind = {run.kind: run for run in runs}
+    kinds = [k for k in KINDS if k in by_kind]
     lines = [f"Distributor Chat bench ({mode})", *machine()]
-    lines += ["servers: ours = distributor_chat.py; peer = bench/peers/seed_fastapi.py"]
+    lines += ["servers: " + "; ".join(SERVER_NAMES[k] for k in kinds)]
     lines += skipped
+    lines.append(f"load generator: 1 process (this one, one {loop_name()} event loop) on the "
+                 f"same {len(os.sched_getaffinity(0))} CPUs as the server")
+    lines.append("")
+    lines.append("offered load:")
+    lines += [f"  {line}" for line in offered_load(s)]
     lines.append("")
     lines.append("CPU share over each scenario's measured phase (user+sys CPU s / wall s; "
                  "1.00 = one core busy):")
+    saturated = []
     for run in runs:
         for name, (wall, bench, server) in run.cpu.items():
+            flag = ""
+            if bench / wall >= GENERATOR_SATURATED:
+                flag = "   <- generator near a full core"
+                saturated.append(f"{run.kind} {name}")
             lines.append(f"  {run.kind:<4} {name:<18} wall {wall:6.1f} s   load generator "
-                         f"{bench / wall:4.2f}   server {server / wall:4.2f}")
+                         f"{bench / wall:4.2f}   server {server / wall:4.2f}{flag}")
+    phases = [phase for run in runs for phase in run.cpu.values()]
+    if phases:
+        wall, bench = sum(p[0] for p in phases), sum(p[1] for p in phases)
+        lines.append(f"  load generator over every measured phase: {bench:.1f} CPU s in "
+                     f"{wall:.1f} s = {bench / wall:.2f}")
+    if saturated:
+        lines.append(f"  the generator neared a full core in: {', '.join(saturated)}; there "
+                     "the figure is partly the generator's limit, not the server's")
     lines.append("")
-    lines.append("ratio = how many times better ours is: ours/peer for msg/s, peer/ours for "
-                 "ms, KiB and MiB (>1 = ours better); checks must be 0")
-    by_kind = {run.kind: run for run in runs}
-    kinds = [k for k in ("ours", "peer") if k in by_kind]
-    rows = [["metric", "unit", *kinds, *(["ratio"] if len(kinds) == 2 else [])]]
+    # Ratios to the bare limit; without it, ours to the FastAPI peer.
+    base = "bare" if "bare" in kinds else "peer" if len(kinds) > 1 else None
+    ratio_kinds = [k for k in kinds if k != base] if base else []
+    if base:
+        lines.append(f"x/{base} = the figure divided by the {base}'s, whichever way is better "
+                     "(column 'better'): for msg/s and % below 1 is short of it, for ms, s, KiB "
+                     "and MiB above 1 is; checks must be 0")
+    header = ["metric", "unit", *kinds, *(f"{k}/{base}" for k in ratio_kinds), "better"]
+    rows = [header]
     for metric in metrics(s):
         values = [by_kind[k].values.get(metric.key) for k in kinds]
+        compared = metric.better in ("higher", "lower")
         row = [metric.label, metric.unit, *(fmt(v, metric.unit) for v in values)]
-        if len(kinds) == 2:
-            row.append(ratio(metric, *values))
+        row += [ratio(by_kind[k].values.get(metric.key), by_kind[base].values.get(metric.key))
+                if compared else "-" for k in ratio_kinds]
+        row.append(metric.better)
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
 
@@ -804,13 +1006,14 @@ def peer_missing() -> str | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller counts, under a minute")
-    parser.add_argument("--servers", "--only", default="ours,peer",
-                        help="comma-separated: ours, peer (default both)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller counts, about two minutes")
+    parser.add_argument("--servers", "--only", default=",".join(KINDS),
+                        help="comma-separated: ours, bare, peer (default all three)")
     args = parser.parse_args()
-    kinds = [k.strip() for k in args.servers.split(",") if k.strip()]
-    if not kinds or any(k not in SCRIPTS for k in kinds):
-        parser.error("--servers takes ours, peer or ours,peer")
+    kinds = [k for k in KINDS if k in {k.strip() for k in args.servers.split(",")}]
+    if not kinds or any(k.strip() not in KINDS for k in args.servers.split(",") if k.strip()):
+        parser.error("--servers takes a comma-separated list of ours, bare, peer")
     sizes, mode = (QUICK, "quick") if args.quick else (FULL, "full")
     skipped = []
     if "peer" in kinds and (why := peer_missing()):
@@ -824,7 +1027,7 @@ def main() -> int:
     started = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="distributor-bench-") as workdir:
-            # Setup (imports, bulk messages) for both servers at once, before any
+            # Setup (imports, bulk messages) for every server at once, before any
             # measurement; then one server at a time.
             def setup(kind: str):
                 try:

@@ -140,7 +140,8 @@ def init_db(path: str) -> None:
     @event.listens_for(engine, "connect")
     def set_sqlite_pragma(dbapi_connection, _record):
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")  # synchronous stays FULL, like ours
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")  # like ours, not left to the build default
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
