@@ -17,6 +17,12 @@
   const GAP_RETRY_MS = 2000
   const NEAR_TOP_PX = 80
   const NEAR_BOTTOM_PX = 120
+  const PHOTOS_PATH = '/distributor/chat/photos'
+  const PREVIEW_MAX_PX = 480 // a chosen photo's preview, as big as the server's thumbnail
+  const THUMB_BOX_PX = { width: 240, height: 320 } // a photo in the thread fits in this box
+  const THUMB_MIN_PX = 64 // a panorama's short side is cropped up to this
+  const UPLOAD_STALL_MS = 30000 // an upload with no progress for this long has failed
+  const CAMERA_PATH = 'M4 8.5A1.5 1.5 0 0 1 5.5 7h2.2l1.4-2h5.8l1.4 2h2.2A1.5 1.5 0 0 1 20 8.5v9a1.5 1.5 0 0 1-1.5 1.5h-13A1.5 1.5 0 0 1 4 17.5z'
 
   const boot = JSON.parse(document.getElementById('boot').textContent)
 
@@ -48,6 +54,18 @@
         forbidden: '권한이 없습니다.', rate_limited: '너무 빨리 보내고 있습니다. 잠시 후 다시 보내세요.',
         room_closed: '종료된 세션이라 보낼 수 없습니다.', unavailable: '서버가 저장하지 못했습니다. 다시 보내세요.',
       },
+      photo: {
+        choose: '사진 첨부', chosen: '보낼 사진', remove: '사진 빼기', caption: '사진 설명 (선택)',
+        from: '{name}님이 보낸 사진', open: '사진 크게 보기', viewer: '사진', close: '닫기',
+        uploading: '사진 올리는 중 {n}%', cancel: '취소', drop: '여기에 사진을 놓으세요',
+        notForSpread: '공지는 글로만 보낼 수 있습니다', unreadable: '미리 볼 수 없는 파일',
+      },
+      photoErrors: {
+        too_large: '사진 파일이 너무 큽니다.', unsupported_media: '보낼 수 없는 파일입니다. JPEG, PNG, WebP, GIF 사진만 됩니다.',
+        bad_image: '사진이 너무 크거나 손상되었습니다.', rate_limited: '너무 빨리 보내고 있습니다. 잠시 후 다시 보내세요.',
+        unavailable: '서버가 사진을 저장하지 못했습니다. 다시 보내세요.', network: '사진을 올리지 못했습니다. 연결을 확인하고 다시 보내세요.',
+        forbidden: '이 채팅방에 사진을 보낼 수 없습니다.', room_closed: '종료된 세션이라 보낼 수 없습니다.', unauthorized: '로그인이 만료되었습니다. 로그인 링크를 다시 열어 주세요.',
+      },
     },
     en: {
       chats: 'Chats', logout: 'Sign out', noRooms: 'No chats yet.', noMessages: 'No messages yet.',
@@ -73,6 +91,18 @@
         too_long: 'The message is too long.', empty: 'An empty message cannot be sent.', invalid_message: 'This message cannot be sent.',
         forbidden: 'Not allowed.', rate_limited: 'Sending too fast. Wait a moment and retry.',
         room_closed: 'This session has ended; nothing can be sent.', unavailable: 'The server could not store it. Retry.',
+      },
+      photo: {
+        choose: 'Attach a photo', chosen: 'Photo to send', remove: 'Remove photo', caption: 'Add a caption (optional)',
+        from: 'Photo from {name}', open: 'Open photo full size', viewer: 'Photo', close: 'Close',
+        uploading: 'Uploading photo {n}%', cancel: 'Cancel', drop: 'Drop a photo here',
+        notForSpread: 'Announcements are text only', unreadable: 'No preview for this file',
+      },
+      photoErrors: {
+        too_large: 'The photo file is too large.', unsupported_media: 'This file cannot be sent: only JPEG, PNG, WebP or GIF photos.',
+        bad_image: 'The image is too large or damaged.', rate_limited: 'Sending too fast. Wait a moment and retry.',
+        unavailable: 'The server could not store the photo. Retry.', network: 'The photo did not upload. Check the connection and retry.',
+        forbidden: 'Photos cannot be sent to this chat.', room_closed: 'This session has ended; nothing can be sent.', unauthorized: 'Your sign-in has expired. Open your sign-in link again.',
       },
     },
   }
@@ -123,6 +153,14 @@
   const formatDay = (iso) => dayFormat.format(new Date(iso))
   const dayKey = (iso) => dayKeyFormat.format(new Date(iso))
 
+  const pageToken = () => new URLSearchParams(location.search).get('token')
+
+  // A page opened with ?token= has no cookie yet: its requests carry the token too.
+  function withPageToken (path) {
+    const token = pageToken()
+    return token ? `${path}${path.includes('?') ? '&' : '?'}token=${encodeURIComponent(token)}` : path
+  }
+
   function newClientId () {
     const bytes = crypto.getRandomValues(new Uint8Array(16)) // works outside secure contexts too
     return Array.from(bytes, (byte) => byte.toString(16).padStart(2, '0')).join('')
@@ -134,7 +172,12 @@
     rooms: boot.chat_rooms || [],
     messages: [], // stored messages, ascending by id
     notices: [], // join/leave: { key, afterId, text }
-    outbox: [], // own messages not yet acked: { client_id, type, content, state, error }
+    // own messages not yet acked: { client_id, type, content, state, error }; a photo's
+    // also has photo ({ id, width, height } once uploaded, else null), needs_upload,
+    // preview (a data: URL or null), preview_width/height, progress (0..1 while
+    // uploading, else null) and can_retry (false when the server refused the file itself)
+    outbox: [],
+    viewer: null, // the photo shown full size: { id, width, height, alt }
     participants: {}, // user_id -> { name, role, online, last_read_id }
     status: boot.status || 'active',
     connection: 'connecting', // connecting | online | reconnecting | offline | stopped
@@ -159,9 +202,12 @@
     } catch (error) { /* storage disabled: nothing was kept */ }
   }
 
+  // A photo not yet uploaded cannot be kept: its file lives only in this page.
+  // One uploaded is kept by its id (the server holds it for a day) and resent.
   function saveOutbox () {
     try {
-      const unsent = store.outbox.map(({ client_id, type, content }) => ({ client_id, type, content }))
+      const unsent = store.outbox.filter((item) => !item.needs_upload).map(({ client_id, type, content, photo }) =>
+        (photo ? { client_id, type, content, photo } : { client_id, type, content }))
       if (unsent.length) localStorage.setItem(outboxKey, JSON.stringify(unsent))
       else localStorage.removeItem(outboxKey)
     } catch (error) { /* storage full or disabled: the outbox still lives in memory */ }
@@ -170,7 +216,8 @@
   function loadOutbox () {
     try {
       const saved = JSON.parse(localStorage.getItem(outboxKey) || '[]')
-      store.outbox = saved.map((item) => ({ ...item, state: 'pending', error: '' }))
+      store.outbox = saved.map((item) => ({ photo: null, preview: null, progress: null, can_retry: true,
+        ...item, needs_upload: false, state: 'pending', error: '' }))
     } catch (error) {
       store.outbox = []
     }
@@ -193,6 +240,7 @@
 
   function dropFromOutbox (predicate) {
     const kept = store.outbox.filter((item) => !predicate(item))
+    for (const item of store.outbox) if (!kept.includes(item)) forgetUpload(item.client_id)
     if (kept.length !== store.outbox.length) {
       store.outbox = kept
       saveOutbox()
@@ -207,16 +255,19 @@
     const item = outboxItem(frame.client_id)
     if (item && !store.messages.some((message) => message.id === frame.id)) {
       addMessages([{ type: item.type, id: frame.id, room_id: boot.room_id, user_id: boot.user_id,
-        sender_name: boot.name, content: item.content, created_at: frame.created_at, client_id: item.client_id }])
+        sender_name: boot.name, content: item.content, created_at: frame.created_at, client_id: item.client_id,
+        photo: item.photo || null }])
     }
     dropFromOutbox((entry) => entry.client_id === frame.client_id)
   }
 
-  function markFailed (clientId, error) {
+  function markFailed (clientId, error, canRetry = true) {
     const item = outboxItem(clientId)
     if (item) {
       item.state = 'failed'
       item.error = error || ''
+      item.can_retry = canRetry
+      item.progress = null
     }
   }
 
@@ -255,8 +306,7 @@
     // Resume from before a gap still being filled, never past it.
     connection.resumedAfterId = connection.gapAfterId || newestId()
     if (connection.resumedAfterId) query.set('after', String(connection.resumedAfterId))
-    const pageToken = new URLSearchParams(location.search).get('token')
-    if (pageToken) query.set('token', pageToken) // a page opened with ?token= has no cookie yet
+    if (pageToken()) query.set('token', pageToken()) // a page opened with ?token= has no cookie yet
     const search = query.toString()
     return `${scheme}://${location.host}${boot.ws_path}${search ? '?' + search : ''}`
   }
@@ -315,10 +365,17 @@
     return true
   }
 
+  // A photo not uploaded yet is uploaded first; its frame follows the upload.
   function transmit (item) {
+    if (item.needs_upload) {
+      uploadPhoto(item)
+      return
+    }
     item.state = 'pending'
     item.error = ''
-    sendFrame({ type: item.type, content: item.content, client_id: item.client_id })
+    const frame = { type: item.type, content: item.content, client_id: item.client_id }
+    if (item.photo) frame.photo_id = item.photo.id
+    sendFrame(frame)
     clearTimeout(ackTimers.get(item.client_id))
     ackTimers.set(item.client_id, setTimeout(() => {
       if (outboxItem(item.client_id) && item.state === 'pending') markFailed(item.client_id)
@@ -412,6 +469,147 @@
     dropFromOutbox((item) => item.client_id === clientId)
   }
 
+  // --------------------------------------------------------- photos ---
+  // A photo goes up over HTTP first (XMLHttpRequest: fetch reports no upload
+  // progress), then its frame goes over the socket as a text's does, with the same
+  // client_id on every retry. Retry uploads again only when the upload failed.
+
+  const photoFiles = new Map() // client_id -> File, until its upload succeeds
+  const uploads = new Map() // client_id -> { request, stallTimer } while uploading
+  const UPLOAD_ERRORS = { 400: 'bad_image', 401: 'unauthorized', 403: 'forbidden', 404: 'forbidden',
+    413: 'too_large', 415: 'unsupported_media', 429: 'rate_limited' }
+  const FILE_REFUSED = new Set(['too_large', 'unsupported_media', 'bad_image', 'room_closed']) // would fail again
+
+  const photoUrl = (photoId) => withPageToken(`${PHOTOS_PATH}/${encodeURIComponent(photoId)}`)
+  const thumbUrl = (photoId) => withPageToken(`${PHOTOS_PATH}/${encodeURIComponent(photoId)}/thumb`)
+  const photosPath = () => withPageToken(`${boot.rooms_path}/${encodeURIComponent(boot.room_id)}/photos`)
+
+  // The size a photo takes in the thread, known before it loads: nothing jumps.
+  function thumbSize (width, height) {
+    const scale = Math.min(1, THUMB_BOX_PX.width / width, THUMB_BOX_PX.height / height)
+    return { width: Math.max(THUMB_MIN_PX, Math.round(width * scale)), height: Math.max(THUMB_MIN_PX, Math.round(height * scale)) }
+  }
+
+  // A small preview of a chosen file as a data: URL (the page's CSP takes data:
+  // images, not blob:), or null when this browser cannot decode it: the server decides.
+  async function previewOf (file) {
+    if (typeof createImageBitmap !== 'function') return null
+    try {
+      const bitmap = await createImageBitmap(file) // applies the EXIF orientation, as the server does
+      const { width, height } = bitmap
+      const scale = Math.min(1, PREVIEW_MAX_PX / Math.max(width, height))
+      const canvas = document.createElement('canvas')
+      canvas.width = Math.max(1, Math.round(width * scale))
+      canvas.height = Math.max(1, Math.round(height * scale))
+      const context = canvas.getContext('2d')
+      context.fillStyle = '#fff' // a transparent PNG previews on white, not black
+      context.fillRect(0, 0, canvas.width, canvas.height)
+      context.drawImage(bitmap, 0, 0, canvas.width, canvas.height)
+      bitmap.close()
+      return { url: canvas.toDataURL('image/jpeg', 0.85), width, height }
+    } catch (error) {
+      return null
+    }
+  }
+
+  function queuePhoto (file, preview, caption) {
+    connection.lastTypingSent = 0
+    const item = reactive({ client_id: newClientId(), type: 'chat', content: caption, photo: null, needs_upload: true,
+      preview: preview ? preview.url : null, preview_width: preview ? preview.width : 0,
+      preview_height: preview ? preview.height : 0, progress: null, can_retry: true, state: 'pending', error: '' })
+    photoFiles.set(item.client_id, file)
+    store.outbox.push(item)
+    transmit(item)
+  }
+
+  function endUpload (clientId) {
+    const upload = uploads.get(clientId)
+    if (upload) clearTimeout(upload.stallTimer)
+    uploads.delete(clientId)
+    return upload
+  }
+
+  // Cancel and Delete: the upload stops and the file is let go.
+  function forgetUpload (clientId) {
+    const upload = endUpload(clientId)
+    if (upload) upload.request.abort()
+    photoFiles.delete(clientId)
+  }
+
+  function uploadFailed (item, code) {
+    endUpload(item.client_id)
+    markFailed(item.client_id, t('photoErrors.' + code), !FILE_REFUSED.has(code))
+  }
+
+  function uploaded (item, body) {
+    endUpload(item.client_id)
+    photoFiles.delete(item.client_id)
+    item.photo = { id: body.photo_id, width: body.width, height: body.height }
+    item.needs_upload = false
+    item.progress = null
+    new Image().src = thumbUrl(body.photo_id) // cached: the stored bubble shows it at once
+    saveOutbox()
+    transmit(item)
+  }
+
+  function uploadPhoto (item) {
+    if (uploads.has(item.client_id)) return // on its way already
+    const file = photoFiles.get(item.client_id)
+    item.state = 'pending'
+    item.error = ''
+    item.progress = 0
+    if (!file) {
+      markFailed(item.client_id, t('photoErrors.network'), false)
+      return
+    }
+    const request = new XMLHttpRequest()
+    const upload = { request, stallTimer: null }
+    const isCurrent = () => uploads.get(item.client_id) === upload
+    function watchStall () {
+      clearTimeout(upload.stallTimer)
+      upload.stallTimer = setTimeout(() => {
+        if (!isCurrent()) return
+        uploadFailed(item, 'network')
+        request.abort()
+      }, UPLOAD_STALL_MS)
+    }
+    request.open('POST', photosPath())
+    request.responseType = 'json'
+    request.setRequestHeader('Accept', 'application/json')
+    request.upload.onprogress = (event) => {
+      if (!isCurrent()) return
+      if (event.lengthComputable && event.total) item.progress = event.loaded / event.total
+      watchStall()
+    }
+    request.onload = () => {
+      if (!isCurrent()) return
+      const body = request.response || {}
+      if (request.status === 201 && body.photo_id) {
+        uploaded(item, body)
+        return
+      }
+      const given = body.error && body.error.code
+      if (given === 'room_closed') store.status = 'ended'
+      const code = [given, UPLOAD_ERRORS[request.status]].find((known) => known && known in TEXT[lang].photoErrors)
+      uploadFailed(item, code || 'unavailable')
+    }
+    request.onerror = request.ontimeout = () => { if (isCurrent()) uploadFailed(item, 'network') }
+    // onabort: whoever aborted (Cancel, Delete, a stall) has settled the item already.
+    uploads.set(item.client_id, upload)
+    const form = new FormData()
+    form.append('photo', file, file.name || 'photo')
+    request.send(form)
+    watchStall()
+  }
+
+  function openPhoto (photo, alt) {
+    store.viewer = { id: photo.id, width: photo.width, height: photo.height, alt }
+  }
+
+  function closePhoto () {
+    store.viewer = null
+  }
+
   async function fetchPage (params) {
     const query = new URLSearchParams({ ...params, limit: String(OLDER_PAGE_SIZE) })
     const response = await fetch(`${boot.messages_path}?${query}`, { headers: { Accept: 'application/json' }, credentials: 'same-origin' })
@@ -499,8 +697,31 @@
       </header>`,
   }
 
+  // A photo in the thread: its thumbnail, sized before it loads, a link to the
+  // full image (a plain click opens it here; a new tab gets the image itself).
+  const PhotoThumb = {
+    props: { photo: Object, alt: String },
+    emits: ['open'],
+    setup (props, { emit }) {
+      const size = computed(() => thumbSize(props.photo.width, props.photo.height))
+      function onClick (event) {
+        if (event.button !== 0 || event.ctrlKey || event.metaKey || event.shiftKey || event.altKey) return
+        event.preventDefault()
+        emit('open')
+      }
+      return { size, onClick, photoUrl, thumbUrl, t }
+    },
+    template: `
+      <a class="photo-link" :href="photoUrl(photo.id)" :aria-label="t('photo.open') + ': ' + alt" @click="onClick">
+        <img class="photo-thumb" :src="thumbUrl(photo.id)" :width="size.width" :height="size.height" :alt="alt"
+          loading="lazy" decoding="async">
+      </a>`,
+  }
+
   const MessageBubble = {
     props: { message: Object, mine: Boolean, unreadByPeer: Boolean, showSender: Boolean },
+    emits: ['open-photo'],
+    components: { PhotoThumb },
     setup () { return { t, formatTime } },
     template: `
       <li class="message-row" :class="{ 'is-mine': mine, 'is-spread': message.type === 'spread' }" :data-id="message.id">
@@ -517,7 +738,12 @@
           <div class="message-body" :class="{ 'no-avatar': !mine && !showSender }">
             <div v-if="!mine && showSender" class="message-sender">{{ message.sender_name }}</div>
             <div class="message-line">
-              <p class="bubble"><span class="bubble-text">{{ message.content }}</span></p>
+              <div v-if="message.photo" class="bubble bubble-photo">
+                <PhotoThumb :photo="message.photo" :alt="t('photo.from', { name: message.sender_name })"
+                  @open="$emit('open-photo', { photo: message.photo, alt: t('photo.from', { name: message.sender_name }) })" />
+                <p v-if="message.content" class="photo-caption"><span class="bubble-text">{{ message.content }}</span></p>
+              </div>
+              <p v-else class="bubble"><span class="bubble-text">{{ message.content }}</span></p>
               <div class="message-meta">
                 <span v-if="mine && unreadByPeer" class="unread-mark" :title="t('unreadByPeer')">1</span>
                 <time class="message-time" :datetime="message.created_at">{{ formatTime(message.created_at) }}</time>
@@ -531,21 +757,46 @@
   const PendingBubble = {
     props: { item: Object },
     emits: ['retry', 'delete'],
-    setup () { return { t } },
+    setup (props) {
+      const isPhoto = computed(() => !!(props.item.needs_upload || props.item.photo))
+      // The chosen file's preview while it uploads; after a reload, the server's thumbnail.
+      const src = computed(() => props.item.preview || (props.item.photo ? thumbUrl(props.item.photo.id) : null))
+      const size = computed(() => {
+        const { photo, preview_width: width, preview_height: height } = props.item
+        if (photo) return thumbSize(photo.width, photo.height)
+        return width && height ? thumbSize(width, height) : null
+      })
+      const percent = computed(() => Math.round((props.item.progress || 0) * 100))
+      return { isPhoto, src, size, percent, boot, t, CAMERA_PATH }
+    },
     template: `
       <li class="message-row is-mine is-unsent" :class="'is-' + item.state" :data-client-id="item.client_id">
         <div class="message-body">
           <div class="message-line">
-            <p class="bubble" :class="{ 'bubble-spread': item.type === 'spread' }"><span class="bubble-text">{{ item.content }}</span></p>
+            <div v-if="isPhoto" class="bubble bubble-photo">
+              <div class="photo-frame">
+                <img v-if="src && size" class="photo-thumb" :src="src" :width="size.width" :height="size.height"
+                  :alt="t('photo.from', { name: boot.name })">
+                <span v-else class="photo-placeholder" role="img" :aria-label="t('photo.unreadable')">
+                  <svg viewBox="0 0 24 24" width="40" height="40" aria-hidden="true"><path :d="CAMERA_PATH" fill="none" stroke="currentColor" stroke-width="1.6" stroke-linejoin="round"/><circle cx="12" cy="12.8" r="3.3" fill="none" stroke="currentColor" stroke-width="1.6"/></svg>
+                </span>
+                <div v-if="item.progress !== null" class="upload-progress">
+                  <progress max="100" :value="percent" :aria-label="t('photo.uploading', { n: percent })"></progress>
+                  <button type="button" class="chip-button upload-cancel" @click="$emit('delete', item.client_id)">{{ t('photo.cancel') }}</button>
+                </div>
+              </div>
+              <p v-if="item.content" class="photo-caption"><span class="bubble-text">{{ item.content }}</span></p>
+            </div>
+            <p v-else class="bubble" :class="{ 'bubble-spread': item.type === 'spread' }"><span class="bubble-text">{{ item.content }}</span></p>
             <div class="message-meta">
-              <span v-if="item.state === 'pending'" class="pending-mark" :aria-label="t('pending')">
+              <span v-if="item.state === 'pending'" class="pending-mark" role="img" :aria-label="t('pending')">
                 <span class="spinner" aria-hidden="true"></span>
               </span>
             </div>
           </div>
           <div v-if="item.state === 'failed'" class="failed-actions" role="alert">
             <span class="failed-text">{{ item.error || t('failed') }}</span>
-            <button type="button" class="chip-button" @click="$emit('retry', item.client_id)">{{ t('retry') }}</button>
+            <button v-if="item.can_retry !== false" type="button" class="chip-button" @click="$emit('retry', item.client_id)">{{ t('retry') }}</button>
             <button type="button" class="chip-button chip-danger" @click="$emit('delete', item.client_id)">{{ t('delete') }}</button>
           </div>
         </div>
@@ -554,7 +805,7 @@
 
   const MessageList = {
     props: { messages: Array, notices: Array, outbox: Array, peerLastReadId: Number, hasOlder: Boolean, loadingOlder: Boolean },
-    emits: ['older', 'retry', 'delete'],
+    emits: ['older', 'retry', 'delete', 'open-photo'],
     components: { MessageBubble, PendingBubble },
     setup (props, { emit }) {
       const scroller = ref(null)
@@ -610,18 +861,33 @@
         stickToBottom = true
         nextTick(() => { if (scroller.value) scroller.value.scrollTop = scroller.value.scrollHeight })
       }
-      onMounted(scrollToBottom)
-      return { scroller, timeline, onScroll, scrollToBottom, t, boot }
+      // The thread stays at its newest message while the space around it changes
+      // (a chosen photo or a longer text makes the composer taller) and while a
+      // message grows (a failed photo's reason and buttons appear under it).
+      const list = ref(null)
+      let resizes = null
+      onMounted(() => {
+        scrollToBottom()
+        if (typeof ResizeObserver !== 'function') return
+        resizes = new ResizeObserver(() => {
+          if (stickToBottom && scroller.value) scroller.value.scrollTop = scroller.value.scrollHeight
+        })
+        resizes.observe(scroller.value)
+        resizes.observe(list.value)
+      })
+      onBeforeUnmount(() => { if (resizes) resizes.disconnect() })
+      return { scroller, list, timeline, onScroll, scrollToBottom, t, boot }
     },
     template: `
       <div class="timeline-scroller" ref="scroller" @scroll.passive="onScroll">
         <p v-if="loadingOlder" class="timeline-loading">{{ t('loadingOlder') }}</p>
-        <ol class="timeline" aria-live="polite">
+        <ol ref="list" class="timeline" aria-live="polite">
           <template v-for="item in timeline" :key="item.key">
             <li v-if="item.kind === 'day'" class="day-separator"><span>{{ item.text }}</span></li>
             <li v-else-if="item.kind === 'notice'" class="system-notice"><span>{{ item.text }}</span></li>
             <MessageBubble v-else :message="item.message" :mine="item.message.user_id === boot.user_id"
-              :show-sender="item.showSender" :unread-by-peer="item.message.id > peerLastReadId" />
+              :show-sender="item.showSender" :unread-by-peer="item.message.id > peerLastReadId"
+              @open-photo="$emit('open-photo', $event)" />
           </template>
           <PendingBubble v-for="item in outbox" :key="'p' + item.client_id" :item="item"
             @retry="$emit('retry', $event)" @delete="$emit('delete', $event)" />
@@ -636,26 +902,66 @@
     template: `<div class="typing" aria-live="polite"><span class="typing-dots" aria-hidden="true"><i></i><i></i><i></i></span>{{ t('typing', { name }) }}</div>`,
   }
 
+  function firstImage (files) {
+    return Array.from(files || []).find((file) => file.type.startsWith('image/')) || null
+  }
+
+  // The composer: text, or a photo with the text as its optional caption. A photo
+  // comes from the photo button (camera or gallery on a phone), a paste, or a drop
+  // on the page (the page hands it over through attach()).
   const Composer = {
     props: { disabled: Boolean, canSpread: Boolean, maxChars: Number },
-    emits: ['send', 'typing'],
+    emits: ['send', 'send-photo', 'typing'],
     setup (props, { emit, expose }) {
       const text = ref('')
       const asSpread = ref(false)
       const field = ref(null)
+      const photo = ref(null) // { file, name, preview, reading }
+      let attaching = 0
       function resize () {
         const element = field.value
         if (!element) return
         element.style.height = 'auto'
         element.style.height = Math.min(element.scrollHeight, 160) + 'px'
       }
+      const canSend = computed(() => !props.disabled && (photo.value ? !photo.value.reading : !!text.value.trim()))
       function submit () {
+        if (!canSend.value) return
         const content = text.value.trim()
-        if (!content || props.disabled) return
-        emit('send', { content, type: asSpread.value ? 'spread' : 'chat' })
+        if (photo.value) {
+          emit('send-photo', { file: photo.value.file, preview: photo.value.preview, caption: content })
+          photo.value = null
+        } else {
+          emit('send', { content, type: asSpread.value ? 'spread' : 'chat' })
+        }
         text.value = ''
         asSpread.value = false
         nextTick(resize)
+      }
+      async function attach (file) {
+        if (!file || props.disabled || asSpread.value) return
+        const attempt = (attaching += 1)
+        photo.value = { file, name: file.name, preview: null, reading: true }
+        const preview = await previewOf(file)
+        if (attempt === attaching && photo.value) photo.value = { ...photo.value, preview, reading: false }
+      }
+      function removePhoto () {
+        attaching += 1
+        photo.value = null
+        if (field.value) field.value.focus()
+      }
+      function onChosen (event) {
+        const [file] = event.target.files
+        event.target.value = '' // the same file can be chosen again
+        if (file) attach(file)
+      }
+      function onPaste (event) {
+        const data = event.clipboardData
+        if (!data || data.getData('text/plain')) return // text with a picture of itself (office apps): the text
+        const file = firstImage(data.files)
+        if (!file) return
+        event.preventDefault()
+        attach(file)
       }
       function onKeydown (event) {
         // Enter during IME composition (Korean, Japanese …) picks a syllable: never send then.
@@ -668,30 +974,98 @@
         resize()
         if (text.value.trim()) emit('typing')
       }
-      expose({ focus: () => field.value && field.value.focus() })
-      return { text, asSpread, field, submit, onKeydown, onInput, t }
+      expose({ focus: () => field.value && field.value.focus(), attach })
+      return { text, asSpread, field, photo, canSend, submit, removePhoto, onChosen, onPaste, onKeydown, onInput, t, CAMERA_PATH }
     },
     template: `
       <form class="composer" @submit.prevent="submit">
         <label v-if="canSpread" class="spread-toggle" :class="{ 'is-on': asSpread }">
-          <input type="checkbox" v-model="asSpread" :disabled="disabled">
+          <input type="checkbox" v-model="asSpread" :disabled="disabled || !!photo">
           <span aria-hidden="true">📢</span><span class="spread-toggle-text">{{ t('spread') }}</span>
         </label>
+        <div v-if="photo" class="composer-attachment">
+          <img v-if="photo.preview" class="attachment-preview" :src="photo.preview.url" width="48" height="48" :alt="t('photo.chosen')">
+          <span v-else class="attachment-preview attachment-icon" aria-hidden="true">
+            <svg viewBox="0 0 24 24" width="26" height="26"><path :d="CAMERA_PATH" fill="none" stroke="currentColor" stroke-width="1.8" stroke-linejoin="round"/><circle cx="12" cy="12.8" r="3.3" fill="none" stroke="currentColor" stroke-width="1.8"/></svg>
+          </span>
+          <span class="attachment-name">{{ photo.name }}</span>
+          <button type="button" class="attachment-remove" :aria-label="t('photo.remove')" @click="removePhoto">
+            <svg viewBox="0 0 24 24" width="18" height="18" aria-hidden="true"><path d="M6 6l12 12M18 6L6 18" stroke="currentColor" stroke-width="2.2" stroke-linecap="round"/></svg>
+          </button>
+        </div>
         <div class="composer-row">
+          <label class="photo-button" :class="{ 'is-disabled': disabled || asSpread }"
+            :title="asSpread ? t('photo.notForSpread') : t('photo.choose')">
+            <input type="file" accept="image/*" class="visually-hidden" :disabled="disabled || asSpread" @change="onChosen">
+            <svg viewBox="0 0 24 24" width="24" height="24" aria-hidden="true"><path :d="CAMERA_PATH" fill="none" stroke="currentColor" stroke-width="1.8" stroke-linejoin="round"/><circle cx="12" cy="12.8" r="3.3" fill="none" stroke="currentColor" stroke-width="1.8"/></svg>
+            <span class="visually-hidden">{{ t('photo.choose') }}</span>
+          </label>
           <label for="composer-text" class="visually-hidden">{{ t('message') }}</label>
           <textarea id="composer-text" ref="field" v-model="text" rows="1" :maxlength="maxChars"
-            :placeholder="t('placeholder')" :disabled="disabled" @keydown="onKeydown" @input="onInput"></textarea>
-          <button type="submit" class="send-button" :disabled="disabled || !text.trim()" :aria-label="t('send')">
+            :placeholder="photo ? t('photo.caption') : t('placeholder')" :disabled="disabled"
+            @keydown="onKeydown" @input="onInput" @paste="onPaste"></textarea>
+          <button type="submit" class="send-button" :disabled="!canSend" :aria-label="t('send')">
             <svg viewBox="0 0 24 24" width="22" height="22" aria-hidden="true"><path d="M3 11.5L20.5 4 14 21l-3-7.5L3 11.5z" fill="currentColor"/></svg>
           </button>
         </div>
       </form>`,
   }
 
+  // A photo full size, over everything: a modal dialog (focus stays inside, Escape
+  // or a tap closes it, focus goes back to the thumbnail that opened it).
+  const PhotoViewer = {
+    props: { photo: Object },
+    emits: ['close'],
+    setup (props, { emit }) {
+      const dialog = ref(null)
+      let opener = null
+      onMounted(() => {
+        opener = document.activeElement
+        dialog.value.showModal()
+      })
+      onBeforeUnmount(() => {
+        if (dialog.value.open) dialog.value.close()
+        if (opener && opener.isConnected) opener.focus()
+      })
+      function onCancel (event) { // Escape
+        event.preventDefault()
+        emit('close')
+      }
+      return { dialog, onCancel, photoUrl, t }
+    },
+    template: `
+      <dialog ref="dialog" class="photo-viewer" :aria-label="t('photo.viewer')" @cancel="onCancel" @click="$emit('close')">
+        <img class="photo-full" :src="photoUrl(photo.id)" :width="photo.width" :height="photo.height" :alt="photo.alt">
+        <button type="button" class="photo-viewer-close" :aria-label="t('photo.close')" autofocus>
+          <svg viewBox="0 0 24 24" width="26" height="26" aria-hidden="true"><path d="M6 6l12 12M18 6L6 18" stroke="currentColor" stroke-width="2.2" stroke-linecap="round"/></svg>
+        </button>
+      </dialog>`,
+  }
+
   const ChatApp = {
-    components: { ChatHeader, MessageList, TypingIndicator, Composer },
+    components: { ChatHeader, MessageList, TypingIndicator, Composer, PhotoViewer },
     setup () {
       const peerLastReadId = computed(() => (peer.value ? peer.value.last_read_id : 0))
+      const composer = ref(null)
+      const dragging = ref(false)
+      // A file dropped anywhere on the page is a photo to send, never a page to open.
+      const carriesFiles = (event) => Array.from((event.dataTransfer && event.dataTransfer.types) || []).includes('Files')
+      function onDragOver (event) {
+        if (!carriesFiles(event)) return
+        event.preventDefault()
+        event.dataTransfer.dropEffect = composer.value ? 'copy' : 'none'
+        dragging.value = !!composer.value
+      }
+      function onDragLeave (event) {
+        if (!event.relatedTarget) dragging.value = false // left the window
+      }
+      function onDrop (event) {
+        dragging.value = false
+        if (!carriesFiles(event)) return
+        event.preventDefault()
+        const file = firstImage(event.dataTransfer.files)
+        if (file && composer.value) composer.value.attach(file)
+      }
       const peerTyping = computed(() => peer.value && store.peerTypingUntil > store.now)
       let clock = null
       function onVisible () { if (document.visibilityState === 'visible') markRead() }
@@ -710,35 +1084,48 @@
         document.addEventListener('visibilitychange', onVisible)
         window.addEventListener('online', onOnline)
         window.addEventListener('offline', onOffline)
+        document.addEventListener('dragover', onDragOver)
+        document.addEventListener('dragleave', onDragLeave)
+        document.addEventListener('drop', onDrop)
       })
       onBeforeUnmount(() => {
         clearInterval(clock)
         document.removeEventListener('visibilitychange', onVisible)
         window.removeEventListener('online', onOnline)
         window.removeEventListener('offline', onOffline)
+        document.removeEventListener('dragover', onDragOver)
+        document.removeEventListener('dragleave', onDragLeave)
+        document.removeEventListener('drop', onDrop)
       })
       function onSend ({ content, type }) {
         queueMessage(content, type)
+      }
+      function onSendPhoto ({ file, preview, caption }) {
+        queuePhoto(file, preview, caption)
       }
       function reconnectNow () {
         connection.attempts = 0
         connect()
       }
-      return { store, boot, peer, peerLastReadId, peerTyping, onSend, sendTyping, retryMessage, deleteMessage, fetchOlder, reconnectNow, t }
+      return { store, boot, peer, peerLastReadId, peerTyping, composer, dragging, onSend, onSendPhoto, sendTyping,
+        retryMessage, deleteMessage, fetchOlder, reconnectNow, openPhoto, closePhoto, t }
     },
     template: `
-      <div class="chat-page">
+      <div class="chat-page" :class="{ 'is-dragging': dragging }">
         <ChatHeader :peer="peer" :state="store.connection" :seconds="store.reconnectInS" :reason="store.stopReason"
           @reconnect="reconnectNow" />
         <main class="chat-main">
           <MessageList :messages="store.messages" :notices="store.notices" :outbox="store.outbox"
             :peer-last-read-id="peerLastReadId" :has-older="store.hasOlder" :loading-older="store.loadingOlder"
-            @older="fetchOlder" @retry="retryMessage" @delete="deleteMessage" />
+            @older="fetchOlder" @retry="retryMessage" @delete="deleteMessage"
+            @open-photo="openPhoto($event.photo, $event.alt)" />
           <TypingIndicator v-if="peerTyping" :name="peer.name" />
           <p v-if="store.status === 'ended'" class="room-ended-note">{{ t('roomEnded') }}</p>
-          <Composer v-else :disabled="store.connection === 'stopped'" :can-spread="boot.role === 'trainer'"
-            :max-chars="boot.max_message_chars" @send="onSend" @typing="sendTyping" />
+          <Composer v-else ref="composer" :disabled="store.connection === 'stopped'" :can-spread="boot.role === 'trainer'"
+            :max-chars="boot.max_message_chars" @send="onSend" @send-photo="onSendPhoto" @typing="sendTyping" />
         </main>
+        <p v-if="dragging" class="drop-hint" aria-hidden="true">{{ t('photo.drop') }}</p>
+        <PhotoViewer v-if="store.viewer" :key="store.viewer.id" :photo="store.viewer" @close="closePhoto" />
       </div>`,
   }
 
