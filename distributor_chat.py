@@ -119,6 +119,7 @@ SHUTDOWN_FLUSH_TIMEOUT_S = 1.0
 SHUTDOWN_SOCKETS_TIMEOUT_S = 2.5
 PRESENCE_GRACE_S = 5.0
 MAX_SOCKETS_PER_USER = 20
+WRITES_IN_FLIGHT_PER_SOCKET = 32  # a socket's chats, spreads and reads not yet committed
 # Per user, over all their sockets and requests (SPEC 5): socket opens, and
 # history reads (messages requests and resumes), each 10 a second, burst 40.
 OPENS_PER_S = 10.0
@@ -373,7 +374,9 @@ def resident_memory_bytes() -> int:
 
 import sqlite3  # noqa: E402  (the one section that knows the driver)
 
-WRITE_BATCH_MAX = 256
+# A batch is everything waiting when the writer turns to it, up to this: the
+# cost of a COMMIT (an fsync) is shared by all of it.
+WRITE_BATCH_MAX = 4096
 WRITE_QUEUE_MAX = 10_000
 
 COMMIT = "COMMIT"
@@ -1316,6 +1319,9 @@ class Room:
             return identity.user_id == self.trainer_id
         return identity.user_id == self.member_id
 
+    def other_participant(self, user_id: str) -> str:
+        return self.member_id if user_id == self.trainer_id else self.trainer_id
+
 
 class AuthError(Exception):
     """No usable token: the message says why, for the person signing in."""
@@ -1616,6 +1622,7 @@ class ChatSocket(web.WebSocketResponse):
         self.handler_task = asyncio.current_task()
         self.finished = asyncio.get_running_loop().create_future()
         self.last_typing_at = 0.0
+        self.writes_in_flight: collections.deque[asyncio.Future] = collections.deque()
         now = asyncio.get_running_loop().time()
         self.last_heard_at = now  # the peer's latest frame of any kind
         self.ping_sent_at: float | None = None  # a ping not yet answered by any frame
@@ -1639,6 +1646,11 @@ class ChatSocket(web.WebSocketResponse):
 
     def send_later(self, frame: dict) -> None:
         self.enqueue(wire_frame(frame))
+
+    def flush_now(self) -> None:
+        """Write what is queued now, not at the loop's next turn."""
+        if self.outbox is not None and self.held_frames is None:
+            self.outbox.flush()
 
     def send_error(self, code: str, message: str, client_id: str | None = None) -> None:
         self.metrics.errors[code] += 1
@@ -2331,6 +2343,7 @@ class PushSender:
         # Who may have a notification of ours showing (this process's view):
         # only they get the "read" push that clears it.
         self.users_notified: set[str] = set()
+        self.is_dropping = False  # the queue was full at the last push
 
     async def public_key(self) -> str:
         return (await self._vapid()).public_key_b64
@@ -2342,8 +2355,12 @@ class PushSender:
         return self.vapid
 
     def message_stored(self, room_id: str, session_id: int, message_id: int, sender_id: str,
-                       sender_name: str, content: str) -> None:
-        """A chat, photo or spread is stored: its room's other person may need a push."""
+                       sender_name: str, content: str, *, recipient_id: str | None = None) -> None:
+        """A chat, photo or spread is stored: its room's other person may need a push.
+        When the caller knows who that is and they are in the room (the usual
+        case in a live chat), nothing is queued: no job, no read per message."""
+        if recipient_id is not None and self.hub.is_present(room_id, recipient_id):
+            return
         preview = content[:PUSH_PREVIEW_CHARS] if content else PHOTO_PREVIEW
         self._put(PushJob("message", sender_id, room_id, session_id, message_id, sender_name,
                           preview if self.show_preview else ""))
@@ -2356,7 +2373,11 @@ class PushSender:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:  # a push is a nudge, not the message: drop it
             self.metrics.push_sent["dropped"] += 1
-            log_event(logging.WARNING, "push_failed", reason="queue full")
+            if not self.is_dropping:  # one line when it starts, not one per push
+                log_event(logging.WARNING, "push_failed", reason="queue full")
+            self.is_dropping = True
+        else:
+            self.is_dropping = False
 
     def start(self) -> None:
         self.task = asyncio.create_task(self.run(), name="push sender")
@@ -3226,7 +3247,8 @@ def publish_chat(hub: ChatHub, ws: ChatSocket, client_id: str, content: str, pho
             created_at=stored.created_at, client_id=client_id, photo=photo))
         if hub.push is not None:
             hub.push.message_stored(ws.room.room_id, ws.room.session_id, stored.message_id,
-                                    ws.identity.user_id, ws.identity.name, content)
+                                    ws.identity.user_id, ws.identity.name, content,
+                                    recipient_id=ws.room.other_participant(ws.identity.user_id))
     ws.send_later(ack_frame(client_id, stored.message_id, stored.created_at))
 
 
@@ -3235,17 +3257,29 @@ def publish_spread(hub: ChatHub, ws: ChatSocket, client_id: str, content: str,
     stored: StoredSpread | None = reply_to_write(ws, client_id, future)
     if stored is None:
         return
-    hub.metrics.messages_stored["spread"] += len(stored.message_ids_by_session)
-    for session_id, message_id in stored.message_ids_by_session.items():
-        hub.broadcast(room_id_of(session_id), message_frame(
-            message_type="spread", message_id=message_id, session_id=session_id,
+    message_ids = stored.message_ids_by_session  # empty for a resend
+    hub.metrics.messages_stored["spread"] += len(message_ids)
+
+    def publish_in(session_id: int) -> None:
+        room_id = room_id_of(session_id)
+        hub.broadcast(room_id, message_frame(
+            message_type="spread", message_id=message_ids[session_id], session_id=session_id,
             user_id=ws.identity.user_id, sender_name=ws.identity.name, content=content,
             created_at=stored.created_at, client_id=client_id))
         if hub.push is not None:
-            hub.push.message_stored(room_id_of(session_id), session_id, message_id,
+            hub.push.message_stored(room_id, session_id, message_ids[session_id],
                                     ws.identity.user_id, ws.identity.name, content)
+
+    # The sender's room, then the ack, which leaves at once: the copies for
+    # hundreds of other rooms come after it.
+    if ws.room.session_id in message_ids:
+        publish_in(ws.room.session_id)
     ws.send_later({**ack_frame(client_id, stored.message_id, stored.created_at),
                    "rooms": stored.room_count})
+    ws.flush_now()
+    for session_id in message_ids:
+        if session_id != ws.room.session_id:
+            publish_in(session_id)
 
 
 def publish_read(hub: ChatHub, ws: ChatSocket, future: asyncio.Future) -> None:
@@ -3259,11 +3293,20 @@ def publish_read(hub: ChatHub, ws: ChatSocket, future: asyncio.Future) -> None:
             hub.push.read_moved(ws.identity.user_id)
 
 
-async def wait_settled(future: asyncio.Future) -> None:
-    """Keep one write in flight per socket. ``asyncio.wait`` neither raises the
-    write's error (its callback answers the client) nor cancels the write if
-    this handler is stopped, so a committed message still gets its ack."""
-    await asyncio.wait((future,))
+async def track_write(ws: ChatSocket, future: asyncio.Future) -> None:
+    """A socket's frames go to the writer as they arrive (a client's pipelined
+    messages share one COMMIT), up to WRITES_IN_FLIGHT_PER_SOCKET; past that
+    its frames wait here for the oldest write, so a flood from one socket
+    holds at most that many places in the writer's queue. The writer stores
+    and answers in queue order, so acks and deliveries keep the socket's order.
+    ``asyncio.wait`` neither raises a write's error (its callback answers the
+    client) nor cancels the write when the handler stops, so a committed
+    message still gets its ack."""
+    in_flight = ws.writes_in_flight
+    in_flight.append(future)
+    future.add_done_callback(lambda done: in_flight.remove(done))
+    if len(in_flight) >= WRITES_IN_FLIGHT_PER_SOCKET:
+        await asyncio.wait((in_flight[0],))
 
 
 async def handle_send(request: web.Request, ws: ChatSocket, frame: dict) -> None:
@@ -3291,7 +3334,7 @@ async def handle_send(request: web.Request, ws: ChatSocket, frame: dict) -> None
         raise FrameError("unavailable", "not stored; retry later with the same client_id",
                          client_id) from None
     future.add_done_callback(publish)
-    await wait_settled(future)
+    await track_write(ws, future)
 
 
 async def handle_read(request: web.Request, ws: ChatSocket, frame: dict) -> None:
@@ -3307,7 +3350,7 @@ async def handle_read(request: web.Request, ws: ChatSocket, frame: dict) -> None
         raise FrameError("unavailable", "read receipt not stored; send it again later",
                          echoed_client_id(frame)) from None
     future.add_done_callback(lambda done: publish_read(request.app[HUB], ws, done))
-    await wait_settled(future)
+    await track_write(ws, future)
 
 
 def handle_typing(request: web.Request, ws: ChatSocket) -> None:
