@@ -519,7 +519,8 @@ INSERT_SPREAD_MESSAGES = """
       FROM pt_sessions
      WHERE trainer_id = :user_id AND status = 'active'
     ON CONFLICT (session_id, user_id, client_id) DO NOTHING
-    RETURNING id, session_id
+    RETURNING id, session_id,
+              (SELECT member_id FROM pt_sessions WHERE pt_sessions.id = messages.session_id)
 """
 COUNT_SPREAD_ROOMS = """
     SELECT count(*) FROM messages m JOIN pt_sessions s ON s.id = m.session_id
@@ -607,6 +608,7 @@ class StoredSpread:
     room_count: int
     is_duplicate: bool
     message_ids_by_session: dict[int, int] = field(default_factory=dict)
+    member_ids_by_session: dict[int, str] = field(default_factory=dict)  # who may need a push
 
 
 def local_minute_formatter(zone: tzinfo | None) -> Callable[[str | None], str | None]:
@@ -895,10 +897,11 @@ async def store_spread(tx: Transaction, params: dict) -> StoredSpread:
         raise refusal
     # The sender's room is active and theirs, so the insert below includes it.
     rows = await tx.fetch_all(INSERT_SPREAD_MESSAGES, params)
-    message_ids_by_session = {session_id: message_id for message_id, session_id in rows}
+    message_ids_by_session = {session_id: message_id for message_id, session_id, _ in rows}
     return StoredSpread(
         message_ids_by_session[params["session_id"]], params["created_at"],
-        len(rows), is_duplicate=False, message_ids_by_session=message_ids_by_session)
+        len(rows), is_duplicate=False, message_ids_by_session=message_ids_by_session,
+        member_ids_by_session={session_id: member_id for _, session_id, member_id in rows})
 
 
 async def store_read(tx: Transaction, params: dict) -> int | None:
@@ -3268,7 +3271,8 @@ def publish_spread(hub: ChatHub, ws: ChatSocket, client_id: str, content: str,
             created_at=stored.created_at, client_id=client_id))
         if hub.push is not None:
             hub.push.message_stored(room_id, session_id, message_ids[session_id],
-                                    ws.identity.user_id, ws.identity.name, content)
+                                    ws.identity.user_id, ws.identity.name, content,
+                                    recipient_id=stored.member_ids_by_session[session_id])
 
     # The sender's room, then the ack, which leaves at once: the copies for
     # hundreds of other rooms come after it.
