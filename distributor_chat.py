@@ -1022,6 +1022,9 @@ class Writer:
                 return
 
     async def commit_batch(self, batch: list[Write]) -> None:
+        if all(write.store is store_chats for write in batch):
+            await self.commit_chats(batch)
+            return
         unavailable = self.tx.engine.unavailable_errors
         began_at = time.perf_counter()
         try:
@@ -1044,19 +1047,40 @@ class Writer:
             await self.rollback()
             _fail_all(batch, StorageUnavailable(str(error)))
             return
-        for write, (is_ok, value) in zip(batch, outcomes):
-            if write.done.done():
-                continue
-            if is_ok:
-                write.done.set_result(value)
-            else:
-                write.done.set_exception(value)
+        _answer_all(batch, outcomes)
+
+    async def commit_chats(self, batch: list[Write]) -> None:
+        """A batch of chats only (the usual one) is one INSERT, and one statement
+        outside BEGIN is a transaction of its own: it commits as it ends, or
+        stores nothing. BEGIN and COMMIT would each cost a trip to the driver's
+        thread (a third of a millisecond each, measured at 2,000 msg/s); what
+        runs after the INSERT (finding a resent client_id) only reads."""
+        began_at = time.perf_counter()
+        try:
+            outcomes = await store_chats(self.tx, [write.params for write in batch])
+        except self.tx.engine.unavailable_errors as error:
+            log_event(logging.WARNING, "storage_error", batch=len(batch), error=error)
+            _fail_all(batch, StorageUnavailable(str(error)))
+            return
+        self.metrics.commit_seconds.observe(time.perf_counter() - began_at)
+        self.metrics.write_batch_size.observe(len(batch))
+        _answer_all(batch, outcomes)
 
     async def rollback(self) -> None:
         try:
             await self.tx.execute(ROLLBACK)
         except self.tx.engine.unavailable_errors:
             pass  # already rolled back (SQLite does after SQLITE_FULL)
+
+
+def _answer_all(batch: list[Write], outcomes: list[Outcome]) -> None:
+    for write, (is_ok, value) in zip(batch, outcomes):
+        if write.done.done():
+            continue
+        if is_ok:
+            write.done.set_result(value)
+        else:
+            write.done.set_exception(value)
 
 
 def _fail_all(batch: list[Write], error: Exception) -> None:
