@@ -129,6 +129,8 @@ OPEN_AND_READ_BURST = 40.0
 MAX_CONTROL_FRAMES_PER_S = 50
 MAX_PUSH_SUBSCRIPTIONS = 10  # per user; the oldest goes
 PUSH_RETRY_FIRST_S_DEFAULT = 1.0
+PHOTO_UNSENT_KEEP_S = 86_400.0  # an upload never sent is deleted after a day
+PHOTO_CLEANUP_INTERVAL_S = 3_600.0
 # Connections waiting to be accepted. When every client reconnects at once (a
 # restart, a Wi-Fi blip), a short queue drops SYNs and each dropped client
 # waits a full second to retry; the kernel caps this at net.core.somaxconn.
@@ -175,8 +177,8 @@ class Settings:
     push_preview: bool = True
     push_retry_first_s: float = PUSH_RETRY_FIRST_S_DEFAULT  # tests shorten it
     max_photo_mb: int = 10
-    photo_unsent_keep_s: float = 86_400.0  # tests shorten these two
-    photo_cleanup_interval_s: float = 3_600.0
+    photo_unsent_keep_s: float = PHOTO_UNSENT_KEEP_S  # tests shorten these two
+    photo_cleanup_interval_s: float = PHOTO_CLEANUP_INTERVAL_S
     ping_interval_s: float = PING_INTERVAL_S  # also how soon a dead peer is dropped
     log_level: str = "info"
     demo: bool = True
@@ -1945,8 +1947,6 @@ PHOTO_UPLOADS_AT_ONCE = 16  # in the server: each holds up to --max-photo-mb in 
 PHOTO_READ_CHUNK = 64 * 1024
 PHOTO_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}")
 PHOTO_PREVIEW = "📷"  # a photo without a caption, in the room list and in a push
-PHOTO_UNSENT_KEEP_S = 86_400.0
-PHOTO_CLEANUP_INTERVAL_S = 3_600.0
 # A photo never changes under its id, and only its room's participants get it.
 PHOTO_CACHE_CONTROL = "private, max-age=31536000, immutable"
 MIB = 1024 * 1024
@@ -1968,9 +1968,13 @@ class PhotoRefused(Exception):
         self.message = message
 
 
-NOT_AN_IMAGE = PhotoRefused(415, "unsupported_media",
-                            "that file is not a JPEG, PNG, WebP or GIF image (or it is damaged)")
-TOO_MANY_PIXELS = PhotoRefused(400, "bad_image", "that image has more than 40 megapixels")
+def not_an_image() -> PhotoRefused:
+    return PhotoRefused(415, "unsupported_media",
+                        "that file is not a JPEG, PNG, WebP or GIF image (or it is damaged)")
+
+
+def too_many_pixels() -> PhotoRefused:
+    return PhotoRefused(400, "bad_image", "that image has more than 40 megapixels")
 
 
 @dataclass(frozen=True, slots=True)
@@ -2030,7 +2034,7 @@ def reencode_photo(data: bytes | bytearray) -> ReencodedPhoto:
     try:
         with Image.open(io.BytesIO(data), formats=PHOTO_FORMATS) as source:
             if source.width * source.height > PHOTO_MAX_PIXELS:
-                raise TOO_MANY_PIXELS
+                raise too_many_pixels()
             if source.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 when that still covers the size kept
                 source.draft("RGB", _covering_box(source.size, PHOTO_MAX_SIDE))
             source.load()  # a GIF's or an animated WebP's first frame
@@ -2040,9 +2044,9 @@ def reencode_photo(data: bytes | bytearray) -> ReencodedPhoto:
     except PhotoRefused:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise TOO_MANY_PIXELS from None
+        raise too_many_pixels() from None
     except Exception:  # whatever a damaged or hostile file makes a decoder raise
-        raise NOT_AN_IMAGE from None
+        raise not_an_image() from None
     picture.thumbnail((PHOTO_MAX_SIDE, PHOTO_MAX_SIDE), Image.Resampling.LANCZOS)
     if icc_profile:
         picture = _in_srgb(picture, icc_profile)
@@ -2643,7 +2647,7 @@ async def add_security_headers(request: web.Request, response: web.StreamRespons
         response.headers.setdefault(
             "Content-Security-Policy",
             "default-src 'self'; script-src 'self' 'unsafe-eval'; style-src 'self'; "
-            f"img-src 'self' data: blob:; connect-src {connect_sources(request)}; "
+            f"img-src 'self' data:; connect-src {connect_sources(request)}; "
             "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 
 

@@ -547,7 +547,7 @@ async def test_html_pages_carry_security_headers(client, path, user_id):
     host = f"{client.server.host}:{client.server.port}"
     assert headers["Content-Security-Policy"] == (
         "default-src 'self'; script-src 'self' 'unsafe-eval'; style-src 'self'; "
-        f"img-src 'self' data: blob:; connect-src 'self' ws://{host}; frame-ancestors 'none'; "
+        f"img-src 'self' data:; connect-src 'self' ws://{host}; frame-ancestors 'none'; "
         "base-uri 'none'; form-action 'self'")
     assert headers["X-Frame-Options"] == "DENY"
     # Not no-referrer: under it browsers send "Origin: null" with our own forms.
