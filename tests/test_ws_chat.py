@@ -662,3 +662,34 @@ async def test_a_history_frame_over_64_kib_arrives_whole(make_client):
     ws, _, history = await open_room(client, "pt_1", "m1")
     assert [message["content"] for message in history["messages"]] == contents
     await marker(ws, "still-framed")  # the frames after it still parse
+
+
+async def test_pipelined_chats_from_one_socket_keep_their_order(make_client):
+    """A client may send many messages without waiting for acks (they share
+    commits): its acks, and the copies every socket in the room gets, come in
+    the order it sent them, ids rising, each stored once."""
+    client = await make_client(rate_limit=0)
+    sender, _, _ = await open_room(client, "pt_1", "m1")
+    trainer, _, _ = await open_room(client, "pt_1", "t1")
+    count = 200
+    for number in range(count):
+        await sender.send_json({"type": "chat", "content": f"set {number}", "client_id": f"p{number}"})
+    acks, own_copies = [], []
+    while len(acks) < count or len(own_copies) < count:
+        frame = await sender.receive_json(timeout=10)
+        if frame["type"] == "ack":
+            acks.append(frame)
+        elif frame["type"] == "chat":
+            own_copies.append(frame)
+    delivered = [await receive_until(trainer, lambda f: f["type"] == "chat") for _ in range(count)]
+    sent_order = [f"p{number}" for number in range(count)]
+    assert [ack["client_id"] for ack in acks] == sent_order
+    assert [frame["client_id"] for frame in own_copies] == sent_order
+    assert [frame["client_id"] for frame in delivered] == sent_order
+    ids = [ack["id"] for ack in acks]
+    assert ids == sorted(set(ids))
+    assert [frame["id"] for frame in delivered] == ids
+    stored = await messages_over_http(client)
+    assert [(m["id"], m["client_id"]) for m in stored] == list(zip(ids, sent_order))
+    await sender.close()
+    await trainer.close()
